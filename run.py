@@ -1,0 +1,20 @@
+"""Compose a run config with Hydra and run it.
+
+    python run.py zero=stage3_cpu peft=lora                 # one run, into outputs/<date>/<time>/
+    python run.py -m peft.r=4,8,16 peft.lora_alpha=16,32    # a sweep, into multirun/<date>/<time>/<n>/
+    python run.py --cfg job                                 # print the composed config and stop
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+import peftlab.cli
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    return peftlab.cli.run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()

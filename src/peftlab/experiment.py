@@ -1,0 +1,193 @@
+"""One run: validate -> read data -> (train -> evaluate) per held-out split -> save -> record.
+
+``run(cfg)`` is what ``run.py`` calls after Hydra composed the config; tests call it directly with
+a config from ``compose``. Everything it writes goes under ``cfg.paths.output_dir``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import get_linear_schedule_with_warmup
+
+from peftlab import data, engine, modeling
+from peftlab.config import ConfigError, peft_method, validate
+from peftlab.distributed import is_zero3, make_accelerator, reset_state, used_deepspeed_config
+from peftlab.memory import PhaseMeter
+from peftlab.metrics import classification_figures
+from peftlab.rundir import RunRecord, write_csv, write_json
+
+log = logging.getLogger("peftlab")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train and evaluate as configured; returns the final metrics.json content."""
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = RunRecord(run_dir, write=is_main_process())
+    try:
+        validate(cfg)
+        splits = data.load_splits(cfg.dataset, cfg.paths.data_dir)
+        plan_name, plan = data.eval_plan(cfg, splits)
+        for train_rows, eval_rows in plan:
+            data.check_disjoint(train_rows, eval_rows)
+        if is_main_process():
+            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        record.update(eval_split=plan_name, n_train=len(plan[0][0]), peft_method=peft_method(cfg))
+        result = _fit_all(cfg, run_dir, splits, plan_name, plan, record)
+    except engine.Diverged as e:
+        record.finish("diverged", error=str(e), diverged_at_step=e.step)
+        raise
+    except torch.OutOfMemoryError as e:
+        record.finish("oom", error=f"out of memory: {str(e).splitlines()[0][:200]}")
+        raise
+    except KeyboardInterrupt:
+        record.finish("interrupted", error="interrupted (SIGINT)")
+        raise
+    except Exception as e:
+        record.finish("failed", error=one_line(e))
+        raise
+    finally:
+        reset_state()
+    record.finish("finished", **result)
+    if is_main_process():
+        log.info(summary_line(record.data))
+    return record.data
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}" if not isinstance(error, ConfigError) else text[0]
+
+
+def _fit_all(cfg, run_dir, splits, plan_name, plan, record) -> dict:
+    names = data.label_names(cfg.dataset)
+    meter = PhaseMeter()
+    gold, pred, rows_out, histories = [], [], [], []
+    for fold, (train_rows, eval_rows) in enumerate(plan):
+        last = fold == len(plan) - 1
+        unlabeled = [r for r in splits.get("test", []) if r["label"] < 0] if last and plan_name != "kfold" else []
+        out = fit_and_evaluate(cfg, train_rows, eval_rows, meter, run_dir=run_dir,
+                               save=last and plan_name != "kfold" and cfg.save_adapter, unlabeled=unlabeled,
+                               on_epoch=lambda h, f=fold: record.update(epochs=h["epochs"], fold=f))
+        histories.append(out["history"])
+        for r, p in zip(eval_rows, out["eval"]["pred"]):
+            gold.append(r["label"])
+            pred.append(p)
+        rows_out.extend(_prediction_rows(eval_rows, out["eval"], names, fold))
+        if unlabeled and is_main_process():
+            write_csv(run_dir / "submission.csv", ["ID", "Label"],
+                      [[r["id"], names[p]] for r, p in zip(unlabeled, out["unlabeled"]["pred"])])
+    if is_main_process():
+        header = ["id", "fold", "label", "prediction", "correct"] + [f"logp_{n}" for n in names] + ["generated", "text"]
+        write_csv(run_dir / "predictions.csv", header, rows_out)
+    final = classification_figures(gold, pred, names)
+    final["split"] = plan_name
+    train_phase = meter.phases.get("train", {})
+    steps = [s for h in histories for s in h["step_s"]]
+    train_phase.update(steps=len(steps), s_per_step=histories[-1]["s_per_step"],
+                       samples_per_s=_mean(e["samples_per_s"] for h in histories for e in h["epochs"][1:] or h["epochs"]),
+                       tokens_per_s=_mean(e["tokens_per_s"] for h in histories for e in h["epochs"][1:] or h["epochs"]))
+    return {"final": final, "phases": meter.phases, "epochs": histories[-1]["epochs"], "loss_curve": histories[-1]["loss_curve"],
+            **({"folds": [h["epochs"][-1] for h in histories]} if len(histories) > 1 else {})}
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def _prediction_rows(rows, out, names, fold) -> list[list]:
+    table = []
+    for i, (r, p) in enumerate(zip(rows, out["pred"])):
+        scores = [round(s, 5) for s in out["scores"][i]] if out["scores"] else [""] * len(names)
+        generated = out["text"][i] if out["text"] else ""
+        table.append([r["id"], fold, names[r["label"]], names[p], int(p == r["label"]), *scores, generated, r["text"]])
+    return table
+
+
+def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, *, run_dir: Path, save: bool,
+                     unlabeled=(), on_epoch=None) -> dict:
+    """Build a fresh Accelerator and model, train on ``train_rows``, predict ``eval_rows`` (and ``unlabeled``)."""
+    names = data.label_names(cfg.dataset)
+    task = cfg.model.task
+    with meter.phase("setup"):
+        accelerator = make_accelerator(cfg, str(run_dir))
+        tok = modeling.load_tokenizer(cfg.model)
+        targets = data.class_targets(tok, task, names) if task != "seq_cls" else None
+        with accelerator.main_process_first():
+            encode = lambda rows: data.encode(rows, tok, task, cfg.dataset.prompt, names, cfg.train.max_length)  # noqa: E731
+            train_feats, eval_feats, extra_feats = encode(train_rows), encode(eval_rows), encode(list(unlabeled)) if unlabeled else []
+        train_dl = data.loader(train_feats, data.Collator(task, "train", tok.pad_token_id), cfg.train.batch_size, True, cfg.seed)
+        eval_purpose = "generate" if cfg.eval.mode == "generate" else "score"
+        eval_collator = data.Collator(task, eval_purpose, tok.pad_token_id, targets)
+        eval_dl = data.loader(eval_feats, eval_collator, cfg.eval.batch_size, False, cfg.seed)
+        total = modeling.optimizer_steps(len(train_feats), cfg, accelerator.num_processes)
+        model = modeling.build_model(cfg, len(names), total)
+        optimizer = instantiate(cfg.optimizer, modeling.trainable_parameters(model))
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total), total)
+        model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+        trainable, params = modeling.count_parameters(model)
+        if accelerator.is_main_process:
+            log.info("%s + %s on %s (%s): %s of %s parameters train", cfg.model.name, peft_method(cfg), accelerator.device,
+                     cfg.zero.name, f"{trainable:,}", f"{params:,}")
+            ds = used_deepspeed_config(accelerator)
+            if ds is not None:
+                write_json(run_dir / "deepspeed.json", ds)
+    with meter.phase("train"):
+        history = engine.train(accelerator, model, optimizer, scheduler, train_dl, cfg.train.epochs,
+                               max_grad_norm=cfg.train.max_grad_norm, adalora=peft_method(cfg) == "adalora", on_epoch=on_epoch)
+    predict = lambda dl: engine.predict(  # noqa: E731
+        accelerator, model, dl, task, cfg.eval.mode, len(names), tokenizer=tok, label_names=names,
+        max_new_tokens=cfg.eval.max_new_tokens, synced_gpus=is_zero3(accelerator))
+    with meter.phase("eval"):
+        result = {"history": history, "eval": _in_row_order(predict(eval_dl)), "trainable_params": trainable}
+        if extra_feats:
+            extra_dl = accelerator.prepare(data.loader(extra_feats, eval_collator, cfg.eval.batch_size, False, cfg.seed))
+            result["unlabeled"] = _in_row_order(predict(extra_dl))
+    if save:
+        with meter.phase("save"):
+            save_trained(accelerator, model, run_dir)
+    for tracker in accelerator.trackers:  # not end_training(): it destroys the process group the next training reuses
+        tracker.finish()
+    del model, optimizer, scheduler, train_dl, eval_dl
+    accelerator.free_memory()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def _in_row_order(out: dict) -> dict:
+    order = sorted(range(len(out["row"])), key=out["row"].__getitem__)
+    return {k: ([v[i] for i in order] if isinstance(v, list) else v) for k, v in out.items()}
+
+
+def save_trained(accelerator, model, run_dir: Path) -> None:
+    """The adapter (or the full model for peft=none), gathered from ZeRO-3 partitions if needed."""
+    state = accelerator.get_state_dict(model)  # a collective under ZeRO-3: every rank calls it
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        target = run_dir / ("adapter" if hasattr(unwrapped, "peft_config") else "model")
+        unwrapped.save_pretrained(target, state_dict=state, safe_serialization=True)
+    accelerator.wait_for_everyone()
+
+
+def summary_line(m: dict) -> str:
+    f, ph = m.get("final", {}), m.get("phases", {})
+    train = ph.get("train", {})
+    gpu = max((p.get("gpu_peak_alloc_mb") or 0) for p in ph.values()) if ph else 0
+    cpu = max((p.get("cpu_peak_rss_mb") or 0) for p in ph.values()) if ph else 0
+    return (f"{f.get('split')} accuracy {f.get('accuracy', float('nan')):.4f}, macro-F1 {f.get('macro_f1', float('nan')):.4f} "
+            f"({f.get('n_eval')} rows) | {train.get('s_per_step')} s/step, {train.get('tokens_per_s')} tokens/s | "
+            f"GPU peak {'%.0f MB' % gpu if gpu else 'n/a'}, CPU peak {cpu:.0f} MB | wall {m.get('wall_s')} s | {m.get('run_dir')}")

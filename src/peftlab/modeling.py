@@ -1,0 +1,119 @@
+"""Tokenizer, base model (pretrained or random weights) and the PEFT wrapper, from the config.
+
+Under ZeRO-3 with ``zero.zero3_init`` the Accelerator must exist before :func:`build_model`:
+transformers then builds the model inside ``deepspeed.zero.Init``, so each parameter is
+partitioned as it is created and the whole model never sits on one device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    set_seed,
+)
+
+from peftlab.config import PEFT_TASK_TYPES, peft_method
+
+log = logging.getLogger(__name__)
+AUTO_CLASSES = {"seq_cls": AutoModelForSequenceClassification, "seq2seq": AutoModelForSeq2SeqLM, "causal_lm": AutoModelForCausalLM}
+_TOKENIZERS: dict[str, object] = {}
+
+
+def load_tokenizer(m: DictConfig):
+    """The model's tokenizer (cached per process), with a pad token guaranteed."""
+    key = str(m.tokenizer)
+    if key not in _TOKENIZERS:
+        if m.trust_remote_code:
+            log.warning("model.trust_remote_code=true: running code from %s", m.tokenizer)
+        tok = AutoTokenizer.from_pretrained(m.tokenizer, trust_remote_code=m.trust_remote_code)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        _TOKENIZERS[key] = tok
+    return _TOKENIZERS[key]
+
+
+def build_model(cfg: DictConfig, num_labels: int, total_steps: int):
+    """Base model with the PEFT adapter applied (or all weights trainable for peft=none)."""
+    m = cfg.model
+    set_seed(cfg.seed)  # classification heads and random-weight models start the same for a seed
+    auto = AUTO_CLASSES[m.task]
+    extra = {"num_labels": num_labels} if m.task == "seq_cls" else {}
+    if m.pretrained:
+        model = auto.from_pretrained(m.pretrained, trust_remote_code=m.trust_remote_code, use_safetensors=True, **extra)
+    else:
+        model = auto.from_config(instantiate(m.config, **extra))
+    tok = load_tokenizer(m)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return apply_peft(model, cfg, total_steps)
+
+
+def peft_config(cfg: DictConfig, total_steps: int):
+    """The PEFT config instantiated from ``cfg.peft`` (``_target_``), or None for full fine-tuning."""
+    method = peft_method(cfg)
+    if method == "none":
+        return None
+    extra = {"task_type": PEFT_TASK_TYPES[cfg.model.task]}
+    if method == "adalora":
+        extra["total_step"] = total_steps
+        extra["tinit"] = cfg.peft.tinit if cfg.peft.tinit is not None else int(0.1 * total_steps)
+        extra["tfinal"] = cfg.peft.tfinal if cfg.peft.tfinal is not None else int(0.2 * total_steps)
+    return instantiate(cfg.peft, _convert_="all", **extra)
+
+
+def apply_peft(model, cfg: DictConfig, total_steps: int):
+    from peft import get_peft_model
+
+    config = peft_config(cfg, total_steps)
+    return model if config is None else get_peft_model(model, config)
+
+
+def optimizer_steps(n_rows: int, cfg: DictConfig, num_processes: int) -> int:
+    """Optimizer steps of the whole run as one process sees them."""
+    batches = math.ceil(math.ceil(n_rows / cfg.train.batch_size) / num_processes)
+    return math.ceil(batches / cfg.train.grad_accum) * cfg.train.epochs
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), counting ZeRO-3 partitioned parameters by their full size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def load_trained(run_dir: str | Path, device: str = "cpu"):
+    """(model, tokenizer, cfg) rebuilt from a finished run directory, without DeepSpeed.
+
+    The base model comes from ``model.pretrained`` or, for random weights, is rebuilt from the
+    config with the run's seed; the adapter (or the full model for peft=none) from the run dir.
+    """
+    from peft import PeftModel
+
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    num_labels = len(cfg.dataset.labels)
+    if peft_method(cfg) == "none":
+        model = AUTO_CLASSES[cfg.model.task].from_pretrained(run_dir / "model", use_safetensors=True)
+    else:
+        base_cfg = cfg.copy()
+        base_cfg.peft = {}
+        base = build_model(base_cfg, num_labels, total_steps=1)
+        model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    return model.to(device).eval(), load_tokenizer(cfg.model), cfg
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

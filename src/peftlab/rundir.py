@@ -1,0 +1,94 @@
+"""The run directory's records: metrics.json (status, figures), predictions, versions.
+
+Everything a reader could take for a result is written to a temporary name and renamed, so a
+killed run never leaves a half-written file; ``status`` moves running -> finished | failed |
+diverged | oom | interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "datasets", "hydra-core", "omegaconf", "peftlab")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write(path, buffer.getvalue())
+
+
+def versions() -> dict[str, str | None]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    found["python"] = platform.python_version()
+    return found
+
+
+def device_info() -> dict:
+    info = {"host": platform.node(), "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+        info["gpu_memory_mb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**20)
+    return info
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RunRecord:
+    """metrics.json of one run; only the main process writes it."""
+
+    def __init__(self, run_dir: Path, write: bool = True):
+        self.path = Path(run_dir) / "metrics.json"
+        self.write_enabled = write
+        self.start = time.perf_counter()
+        self.data: dict = {"status": "running", "error": None, "started": now(), "run_dir": str(run_dir),
+                           "versions": versions(), "device": device_info()}
+        self.save()
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def finish(self, status: str, error: str | None = None, **fields) -> None:
+        self.data.update(fields, status=status, error=error, ended=now(), wall_s=round(time.perf_counter() - self.start, 2))
+        self.save()
+
+    def save(self) -> None:
+        if self.write_enabled:
+            write_json(self.path, self.data)

@@ -1,0 +1,265 @@
+"""peftlab compare: hand-made run directories in tmp_path; no ML libraries, no training."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftlab import compare
+
+R_VALUES = (4, 8)
+ALPHA_VALUES = (8, 16, 32)
+
+
+def _config(job: Path, **peft) -> dict:
+    """A resolved run config with noise keys that differ per job (paths, hydra, output dirs)."""
+    return {
+        "seed": 42,
+        "train": {"epochs": 2, "lr": 0.002, "batch_size": 8, "output_dir": str(job / "out")},
+        "model": {"name": "minilm", "task": "seq_cls", "target_modules": ["query", "value"]},
+        "peft": {"_target_": "peft.LoraConfig", "lora_dropout": 0.1, **peft},
+        "zero": {"name": "none", "stage": 0},
+        "paths": {"output_dir": str(job)},
+        "hydra": {"run": {"dir": str(job)}, "job": {"num": int(job.name) if job.name.isdigit() else 0}},
+    }
+
+
+def _finished(accuracy: float, steps: int = 10) -> dict:
+    return {
+        "status": "finished",
+        "error": None,
+        "final": {"accuracy": accuracy, "macro_f1": accuracy - 0.05, "val_accuracy": None, "n_eval": 100},
+        "phases": {
+            "train": {
+                "wall_s": 5.0,
+                "s_per_step": 0.0512345,
+                "tokens_per_s": 5000.4,
+                "gpu_peak_alloc_mb": 3900.2,
+                "cpu_peak_rss_mb": 2100.0,
+                "steps": steps,
+            },
+            "eval": {"wall_s": 1.0, "gpu_peak_alloc_mb": 4100.7, "cpu_peak_rss_mb": 2300.6},
+            "setup": {"wall_s": 2.0, "gpu_peak_alloc_mb": None, "cpu_peak_rss_mb": 1500.0},
+        },
+        "wall_s": 9.0,
+        "loss_curve": [[s, 0.7 - 0.02 * s] for s in range(steps)],
+    }
+
+
+def make_run(job: Path, config: dict | None, metrics, overrides: list[str] | None = None) -> Path:
+    """metrics: dict -> metrics.json, str -> written verbatim, None -> no metrics.json."""
+    (job / ".hydra").mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (job / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if overrides is not None:
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if isinstance(metrics, dict):
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    elif isinstance(metrics, str):
+        (job / "metrics.json").write_text(metrics)
+    return job
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """2x3 sweep over peft.r x peft.lora_alpha: jobs 0..5 with every kind of outcome."""
+    root = tmp_path / "multirun" / "2025-01-01" / "12-00-00"
+    root.mkdir(parents=True)
+    (root / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    outcomes = [
+        _finished(0.80),
+        {
+            "status": "failed",
+            "error": "CUDA error: device-side assert triggered " + "x" * 100,
+            "final": {"accuracy": 0.99},
+            "wall_s": 3.0,
+        },
+        {"status": "running", "final": {"accuracy": 0.98}, "loss_curve": [[0, 0.7], [1, 0.65]]},
+        '{"status": "finished", "final": {"accur',
+        None,
+        _finished(0.85),
+    ]
+    for job, ((r, alpha), metrics) in enumerate(
+        zip([(r, a) for r in R_VALUES for a in ALPHA_VALUES], outcomes, strict=True)
+    ):
+        path = root / str(job)
+        make_run(
+            path, _config(path, r=r, lora_alpha=alpha), metrics, [f"peft.r={r}", f"peft.lora_alpha={alpha}"]
+        )
+    return root
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = compare.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --------------------------------------------------------------------------- library
+
+
+def test_find_runs_is_recursive_and_numeric_aware(tmp_path):
+    for name in ("10", "2", "1"):
+        make_run(tmp_path / "s" / name, {"a": 1}, _finished(0.5))
+    (tmp_path / "s" / "notes").mkdir()
+    runs = compare.find_runs([tmp_path / "s"])
+    assert [p.name for p in runs] == ["1", "2", "10"]
+    with pytest.raises(FileNotFoundError):
+        compare.find_runs([tmp_path / "nope"])
+
+
+def test_table_rows_statuses_and_config_columns(sweep):
+    table = compare.runs_table([compare.load_run(p) for p in compare.find_runs([sweep])])
+    assert list(table["run"]) == ["0", "1", "2", "3", "4", "5"]
+    assert list(table["status"]) == ["finished", "failed", "running", "corrupt", "missing", "finished"]
+    assert compare.config_columns(table) == ["peft.r", "peft.lora_alpha"]
+    assert list(table.columns[-10:-2]) == compare.METRIC_COLUMNS
+    assert table.columns[-2:].tolist() == ["status", "error"]
+    assert table.loc[0, "accuracy"] == 0.80
+    assert table.loc[0, "gpu_peak_mb"] == pytest.approx(4100.7)  # max of train and eval
+    assert table.loc[0, "cpu_peak_mb"] == pytest.approx(2300.6)  # max over all phases
+    for row in (1, 2, 3, 4):  # failed / running / corrupt / missing: no results shown
+        assert table.loc[row, compare.METRIC_COLUMNS].isna().all()
+    error = table.loc[1, "error"]
+    assert error.startswith("CUDA error") and len(error) <= compare.ERROR_WIDTH
+    assert table.loc[0, "error"] == ""
+
+
+def test_unresolved_hydra_config_is_shown_verbatim(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_run(a, None, _finished(0.6))
+    (a / ".hydra" / "config.yaml").write_text("train:\n  lr: ${optimizer.lr}\n  epochs: 3\n")
+    make_run(b, {"train": {"lr": 0.1, "epochs": 3}}, _finished(0.7))
+    table = compare.runs_table([compare.load_run(a), compare.load_run(b)])
+    assert compare.config_columns(table) == ["train.lr"]
+    assert list(table["train.lr"]) == ["${optimizer.lr}", 0.1]
+
+
+def test_swapped_group_shows_target_and_differing_keys(tmp_path):
+    make_run(
+        tmp_path / "0",
+        {"peft": {"_target_": "peft.LoraConfig", "r": 8}, "seed": 1},
+        _finished(0.7),
+        ["peft=lora"],
+    )
+    make_run(
+        tmp_path / "1",
+        {"peft": {"_target_": "peft.IA3Config", "feedforward_modules": ["x"]}, "seed": 1},
+        _finished(0.6),
+        ["peft=ia3"],
+    )
+    runs = [compare.load_run(p) for p in compare.find_runs([tmp_path])]
+    table = compare.runs_table(runs)
+    assert compare.config_columns(table) == ["peft._target_", "peft.r", "peft.feedforward_modules"]
+    assert compare.sweep_keys(runs, table) == ["peft._target_"]
+
+
+def test_sort_table_directions(sweep):
+    table = compare.runs_table([compare.load_run(p) for p in compare.find_runs([sweep])])
+    assert list(compare.sort_table(table, "accuracy")["run"])[:2] == ["5", "0"]  # best first, blanks last
+    assert list(compare.sort_table(table, "accuracy", ascending=True)["run"])[:2] == ["0", "5"]
+    assert list(compare.sort_table(table, "-peft.lora_alpha")["peft.lora_alpha"]) == [32, 32, 16, 16, 8, 8]
+    with pytest.raises(KeyError):
+        compare.sort_table(table, "nope")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_table_outputs_and_plots(sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    code, stdout, _ = run_cli(capsys, sweep, "--out", out, "--sort", "accuracy")
+    assert code == 0
+    lines = stdout.splitlines()
+    assert lines[0].split()[:3] == ["run", "peft.r", "peft.lora_alpha"]
+    assert lines[1].split()[:4] == ["5", "8", "32", "0.850"]  # sorted: best accuracy first, 3 decimals
+    assert "0.05123" in stdout and "4101" in stdout  # s/step 4 significant digits, MB as integers
+    summary = next(line for line in lines if line.startswith("6 runs"))
+    assert (
+        "2 finished, 4 failed/other" in summary
+        and "best accuracy: 0.850 by 5 (r=8, lora_alpha=32)" in summary
+    )
+    rows = read_csv(out / "compare.csv")
+    assert [r["run"] for r in rows] == ["5", "0", "1", "2", "3", "4"]
+    assert {r["run"]: r["status"] for r in rows}["3"] == "corrupt"
+    assert all(r["accuracy"] == "" for r in rows if r["status"] != "finished")
+    markdown = (out / "compare.md").read_text().splitlines()
+    assert markdown[0].startswith("| run | peft.r | peft.lora_alpha | accuracy") and len(markdown) == 8
+    for name in ("heatmap_accuracy.png", "loss_curves.png"):
+        assert (out / name).stat().st_size > 1000
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_status_filter(sweep, capsys):
+    code, stdout, _ = run_cli(capsys, sweep, "--status", "finished,failed", "--no-plots")
+    assert code == 0
+    assert "running" not in stdout and "missing" not in stdout and "corrupt" not in stdout
+    assert "3 runs, 2 finished, 1 failed/other (1 failed)" in stdout
+    assert not list(sweep.glob("*.png"))
+
+
+def test_cli_default_plot_dir_is_the_sweep(sweep, capsys):
+    assert run_cli(capsys, sweep, "--metric", "macro_f1")[0] == 0
+    assert (sweep / "heatmap_macro_f1.png").stat().st_size > 0
+    assert (sweep / "loss_curves.png").stat().st_size > 0
+    assert not (sweep / "compare.csv").exists()
+
+
+@pytest.mark.parametrize(("values", "numeric"), [((4, 8, 16), True), (("q", "qv", "qkvo"), False)])
+def test_cli_single_key_sweep_line_or_bar(tmp_path, capsys, values, numeric):
+    for job, value in enumerate(values):
+        path = tmp_path / "sweep" / str(job)
+        make_run(
+            path,
+            _config(path, r=value),
+            _finished(0.6 + job / 100) if job else {"status": "oom"},
+            [f"peft.r={value}"],
+        )
+    code, _, _ = run_cli(capsys, tmp_path / "sweep", "--out", tmp_path / "o")
+    assert code == 0
+    assert (tmp_path / "o" / "accuracy_by_peft.r.png").stat().st_size > 1000
+    assert not (tmp_path / "o" / "heatmap_accuracy.png").exists()
+
+
+def test_cli_several_sweeps_name_runs_by_relative_path(tmp_path, capsys):
+    for sweep_name, r in (("a", 4), ("b", 8)):
+        make_run(tmp_path / sweep_name / "0", {"peft": {"r": r}}, _finished(0.5))
+    code, stdout, _ = run_cli(capsys, tmp_path / "a", tmp_path / "b", "--no-plots")
+    assert code == 0
+    assert [line.split()[0] for line in stdout.splitlines()[1:3]] == ["a/0", "b/0"]
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    code, _, stderr = run_cli(capsys, tmp_path / "does-not-exist")
+    assert code == 2 and stderr.startswith("peftlab compare:") and len(stderr.strip().splitlines()) == 1
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    code, _, stderr = run_cli(capsys, tmp_path / "empty")
+    assert code == 2 and "no run directories under" in stderr
+    make_run(tmp_path / "r", {"a": 1}, _finished(0.5))
+    assert run_cli(capsys, tmp_path / "r", "--sort", "nope", "--no-plots")[0] == 2
+
+
+def test_targets_in_run_directories_are_never_executed(tmp_path, capsys):
+    sentinel = tmp_path / "sentinel.txt"
+    sentinel.write_text("must survive")
+    bad = {"cleanup": {"_target_": "os.remove", "path": str(sentinel)}, "seed": 1}
+    make_run(tmp_path / "runs" / "0", bad, _finished(0.5), [f"+cleanup.path={sentinel}"])
+    make_run(tmp_path / "runs" / "1", {**bad, "seed": 2}, _finished(0.6))
+    # A YAML tag that an unsafe loader would turn into a call of os.remove.
+    (tmp_path / "runs" / "1" / "config.yaml").write_text(
+        f"x: !!python/object/apply:os.remove ['{sentinel}']\n"
+    )
+    code, stdout, _ = run_cli(capsys, tmp_path / "runs", "--out", tmp_path / "o")
+    assert code == 0
+    assert sentinel.read_text() == "must survive"
+    assert "2 runs, 2 finished" in stdout
