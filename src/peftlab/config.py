@@ -116,6 +116,9 @@ def _validate_peft(cfg: DictConfig) -> None:
             _check(0 <= p[key] < 1, f"peft.{key}={p[key]} must be in [0, 1)")
     if method in ("lora", "adalora", "loha", "lokr", "ia3"):
         _check(bool(p.target_modules), f"peft.target_modules is empty: list the model's module names in conf/model/{cfg.model.name}.yaml")
+    if method in cfg.model.get("unsupported_peft", []):
+        raise ConfigError(f"peft={method} does not work with model={cfg.model.name} (see unsupported_peft in conf/model/{cfg.model.name}.yaml): "
+                          "choose another method, e.g. peft=lora or peft=prompt_tuning")
     if method == "adalora":
         _check(cfg.zero.stage == 0,
                f"peft=adalora re-allocates ranks from gradients that DeepSpeed has already consumed in its step (zero={cfg.zero.name}); use zero=none")

@@ -122,6 +122,8 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
     names = data.label_names(cfg.dataset)
     task = cfg.model.task
     with meter.phase("setup"):
+        if not cfg.model.pretrained and cfg.model.get("materialize", True):
+            modeling.random_weights(cfg, len(names))  # before zero.Init is switched on
         accelerator = make_accelerator(cfg, str(run_dir))
         tok = modeling.load_tokenizer(cfg.model)
         targets = data.class_targets(tok, task, names) if task != "seq_cls" else None

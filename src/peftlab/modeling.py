@@ -7,8 +7,12 @@ partitioned as it is created and the whole model never sits on one device.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -48,14 +52,42 @@ def build_model(cfg: DictConfig, num_labels: int, total_steps: int):
     set_seed(cfg.seed)  # classification heads and random-weight models start the same for a seed
     auto = AUTO_CLASSES[m.task]
     extra = {"num_labels": num_labels} if m.task == "seq_cls" else {}
-    if m.pretrained:
-        model = auto.from_pretrained(m.pretrained, trust_remote_code=m.trust_remote_code, use_safetensors=True, **extra)
-    else:
+    source = m.pretrained or (random_weights(cfg, num_labels) if m.get("materialize", True) else None)
+    if source:
+        model = auto.from_pretrained(source, trust_remote_code=m.trust_remote_code, use_safetensors=True, **extra)
+    else:  # straight from the config: under zero.Init the init differs from a plain one, so reloads can't rebuild it
         model = auto.from_config(instantiate(m.config, **extra))
     tok = load_tokenizer(m)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return apply_peft(model, cfg, total_steps)
+
+
+def random_weights(cfg: DictConfig, num_labels: int) -> Path:
+    """A folder with the model's random weights for this seed, made once and cached.
+
+    Building random weights inside ``zero.Init`` draws them differently from a plain build, so a
+    ZeRO-3 run could not be reloaded onto the same base. Materializing them on the CPU first and
+    loading them like a pretrained model makes the base identical in every setting and reload.
+    """
+    m = cfg.model
+    key = hashlib.sha1(f"{OmegaConf.to_yaml(m.config)}|{cfg.seed}|{num_labels}|{m.task}".encode()).hexdigest()[:12]
+    folder = Path(cfg.paths.cache_dir).expanduser() / "random_weights" / f"{m.name}-{key}"
+    if not (folder / "config.json").is_file():
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise RuntimeError("random weights must be materialized before the ZeRO-3 Accelerator exists (zero.Init would partition them)")
+        set_seed(cfg.seed)
+        extra = {"num_labels": num_labels} if m.task == "seq_cls" else {}
+        model = AUTO_CLASSES[m.task].from_config(instantiate(m.config, **extra))
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent.mkdir(parents=True, exist_ok=True) or folder.parent))
+        model.save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def peft_config(cfg: DictConfig, total_steps: int):

@@ -1,0 +1,113 @@
+"""Bad input fails fast: one line naming the key or file and the fix, before any model is loaded,
+and the run directory says failed, never finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from peftlab import modeling
+from peftlab.config import ConfigError
+from peftlab.experiment import run
+
+from .conftest import ROOT, make_cfg, write_raft
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(modeling, "build_model", refuse)
+    monkeypatch.setattr(modeling, "random_weights", refuse)
+
+
+def broken_data(tmp_path, name: str):
+    folder = write_raft(tmp_path / name)
+    train = folder / "train.csv"
+    if name == "label_out_of_range":
+        train.write_text(train.read_text().replace(",1\n", ",7\n", 1))
+    elif name == "empty_split":
+        train.write_text("Tweet text,ID,Label\n")
+    elif name == "missing_test_file":
+        (folder / "test.csv").unlink()
+    elif name == "not_utf8":
+        train.write_bytes(train.read_bytes() + b"caf\xe9 \xff\xfe,99,1\n")
+    elif name == "malformed_csv":
+        train.write_text('Tweet text,ID,Label\n"unclosed quote,1,1\nfine,2,2\n')
+    elif name == "no_labelled_rows":
+        train.write_text(train.read_text().replace(",1\n", ",0\n").replace(",2\n", ",0\n"))
+    return folder
+
+
+BAD = [
+    # (overrides, data variant or None, a fragment the one-line message must contain)
+    (["zero=stage2", "zero.offload_param_device=cpu"], None, "zero.offload_param_device=cpu needs zero.stage=3; use zero=stage3_cpu"),
+    (["zero=none", "zero.offload_optimizer_device=cpu"], None, "zero.offload_optimizer_device=cpu needs DeepSpeed"),
+    (["zero=stage3_nvme"], None, "zero.offload_param_nvme_path is required"),
+    (["zero=stage3_nvme", "zero.offload_param_nvme_path=/nonexistent/nvme"], None, "is not a writable directory"),
+    (["peft.r=0"], None, "peft.r=0 must be a whole number >= 1"),
+    (["peft.r=-4"], None, "peft.r=-4"),
+    (["peft.lora_alpha=0"], None, "peft.lora_alpha=0 must be > 0"),
+    (["peft.lora_dropout=1.5"], None, "peft.lora_dropout=1.5"),
+    (["peft=prefix_tuning"], None, "peft=prefix_tuning does not work with model=minilm"),
+    (["peft=adalora", "zero=stage2"], None, "peft=adalora"),
+    (["eval.mode=generate"], None, "eval.mode=generate needs a generative model"),
+    (["eval.mode=beam"], None, "eval.mode=beam must be score or generate"),
+    (["eval.split=train"], None, "eval.split=train must be test, validation or kfold"),
+    (["train.lr=0"], None, "train.lr=0 must be a number > 0"),
+    (["train.epochs=0"], None, "train.epochs=0 must be a whole number >= 1"),
+    (["train.batch_size=0"], None, "train.batch_size=0"),
+    (["train.mixed_precision=fp8"], None, "train.mixed_precision=fp8 must be one of"),
+    (["train.mixed_precision=fp16"], None, "train.mixed_precision=fp16 needs a GPU"),
+    (["model.task=regression"], None, "model.task=regression is not one of"),
+    (["model.pretrained=./no/such/model"], None, "no such folder"),
+    (["dataset.data_dir=/no/such/folder"], "skip_data_dir", "dataset.data_dir=/no/such/folder: no such folder"),
+    (["dataset.text_column=Text"], "ok", "no column 'Text' (dataset.text_column)"),
+    (["dataset.format=xml"], "ok", "dataset.format=xml must be csv, jsonl or parquet"),
+    ([], "label_out_of_range", "has label '7', not one of dataset.labels"),
+    ([], "empty_split", "the split is empty"),
+    ([], "missing_test_file", "test.csv: file not found"),
+    ([], "not_utf8", "not valid UTF-8"),
+    ([], "malformed_csv", "cannot be read as csv"),
+    ([], "no_labelled_rows", "no labelled rows to train on"),
+    (["eval.split=kfold", "eval.folds=40"], "ok", "eval.folds=40 is more than"),
+]
+
+
+@pytest.mark.parametrize("overrides,variant,fragment", BAD, ids=[" ".join(b[0]) or b[1] for b in BAD])
+def test_bad_input_is_reported_before_any_model_loads(tmp_path, tiny_data, no_model_loading, overrides, variant, fragment):
+    data_dir = None if variant == "skip_data_dir" else (broken_data(tmp_path, variant) if variant not in (None, "ok") else tiny_data)
+    cfg = make_cfg(tmp_path / "run", *overrides, data_dir=data_dir)
+    with pytest.raises(ConfigError) as caught:
+        run(cfg)
+    message = str(caught.value)
+    assert fragment in message and "\n" not in message
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and fragment in metrics["error"]
+    assert not (tmp_path / "run" / "predictions.csv").exists()
+
+
+def run_cli(*args, cwd=ROOT):
+    env = dict(os.environ, HYDRA_FULL_ERROR="0")
+    env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["peft.r=0"], "error: peft.r=0 must be a whole number >= 1"),
+    (["zero=stage9"], "Could not find 'zero/stage9'"),
+    (["train.lrr=1"], "Key 'lrr' is not in struct"),
+])
+def test_command_line_exits_nonzero_with_one_line(tmp_path, tiny_data, args, fragment):
+    result = run_cli(*args, f"dataset.data_dir={tiny_data}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    if args == ["peft.r=0"]:
+        assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [f"error: {result.stderr.split('error: ')[1].strip()}"]
+        assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"

@@ -1,0 +1,71 @@
+"""Every option of every config group composes, resolves and validates; PEFT configs instantiate."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from peftlab import modeling
+from peftlab.config import PEFT_TASK_TYPES, peft_method, validate
+from peftlab.distributed import deepspeed_config
+
+from .conftest import CONF, make_cfg
+
+GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("model", "peft", "zero", "dataset")}
+OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options]
+
+
+def test_groups_hold_the_issue_options():
+    assert {"minilm", "bart_large", "flan_t5_base", "bloomz_560m", "bloomz_7b1", "tiny_bert", "tiny_bart", "tiny_gpt",
+            "bart_large_arch"} <= set(GROUPS["model"])
+    assert {"lora", "ia3", "adalora", "loha", "lokr", "prefix_tuning", "prompt_tuning", "p_tuning", "none"} <= set(GROUPS["peft"])
+    assert {"none", "stage1", "stage2", "stage2_cpu", "stage3", "stage3_cpu", "stage3_nvme"} <= set(GROUPS["zero"])
+
+
+@pytest.mark.parametrize("group,option", OPTIONS)
+def test_every_option_composes_and_validates(tmp_path, group, option):
+    extra = ["zero.offload_param_nvme_path=" + str(tmp_path)] if option == "stage3_nvme" else []
+    if option == "prefix_tuning":  # the default model (BERT) takes no past key values
+        extra.append("model=tiny_bart")
+    cfg = make_cfg(tmp_path, f"{group}={option}", *extra)
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert resolved[group] or (group, option) == ("peft", "none")
+    validate(cfg)
+    first_line = (CONF / group / f"{option}.yaml").read_text().splitlines()[0]
+    assert first_line.startswith("# python run.py"), f"{group}/{option}.yaml should open with the command that uses it"
+
+
+@pytest.mark.parametrize("model", [m for m in GROUPS["model"]])
+@pytest.mark.parametrize("peft", [p for p in GROUPS["peft"] if p != "none"])
+def test_peft_config_instantiates_for_every_model(tmp_path, model, peft):
+    cfg = make_cfg(tmp_path, f"model={model}", f"peft={peft}")
+    config = modeling.peft_config(cfg, total_steps=100)
+    assert config.task_type == PEFT_TASK_TYPES[cfg.model.task]
+    assert peft_method(cfg) == peft
+
+
+def test_command_line_reaches_the_peft_config(tmp_path):
+    cfg = make_cfg(tmp_path, "peft.r=16", "peft.lora_alpha=64")
+    config = modeling.peft_config(cfg, total_steps=10)
+    assert (config.r, config.lora_alpha, config.target_modules) == (16, 64, {"query", "value"})
+
+
+def test_train_settings_are_stated_once_and_reach_deepspeed(tmp_path):
+    cfg = make_cfg(tmp_path, "zero=stage3_cpu", "train.batch_size=4", "train.grad_accum=2", "train.max_grad_norm=0.5")
+    ds = deepspeed_config(cfg)
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert deepspeed_config(make_cfg(tmp_path, "zero=none")) is None
+    assert "offload_optimizer" not in deepspeed_config(make_cfg(tmp_path, "zero=stage2"))["zero_optimization"]
+
+
+def test_nvme_path_reaches_deepspeed(tmp_path):
+    cfg = make_cfg(tmp_path, "zero=stage3_nvme", f"zero.offload_param_nvme_path={tmp_path}")
+    zero = deepspeed_config(cfg)["zero_optimization"]
+    assert zero["offload_param"] == {"device": "nvme", "nvme_path": str(tmp_path)}
+    assert zero["offload_optimizer"]["nvme_path"] == str(tmp_path)
