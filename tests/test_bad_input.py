@@ -57,7 +57,7 @@ BAD = [
     (["peft=prefix_tuning"], None, "peft=prefix_tuning does not work with model=minilm"),
     (["peft=adalora", "zero=stage2"], None, "peft=adalora"),
     (["eval.mode=generate"], None, "eval.mode=generate needs a generative model"),
-    (["eval.mode=beam"], None, "eval.mode=beam must be score or generate"),
+    (["eval.mode=beam"], None, "eval.mode=beam must be score, generate or both"),
     (["eval.split=train"], None, "eval.split=train must be test, validation or kfold"),
     (["train.lr=0"], None, "train.lr=0 must be a number > 0"),
     (["train.epochs=0"], None, "train.epochs=0 must be a whole number >= 1"),

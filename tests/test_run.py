@@ -30,6 +30,7 @@ def check_run_dir(run_dir, tiny_data, zero: str):
     assert train_phase["s_per_step"] > 0 and train_phase["tokens_per_s"] > 0 and train_phase["cpu_peak_rss_mb"] > 0
     assert len(metrics["loss_curve"]) == metrics["phases"]["train"]["steps"]
     assert metrics["versions"]["deepspeed"] and metrics["device"]
+    assert 0 < metrics["time_to_first_step_s"] < metrics["wall_s"] + 60
     predictions = read_csv(run_dir / "predictions.csv")
     train_ids = {r["ID"] for r in read_csv(tiny_data / "train.csv")}
     assert len(predictions) == 24 and not train_ids & {r["id"] for r in predictions}
@@ -68,6 +69,18 @@ def test_each_peft_method_trains(tmp_path, tiny_data, model, peft):
     assert metrics["status"] == "finished" and metrics["peft_method"] == peft
     saved = tmp_path / ("model" if peft == "none" else "adapter")
     assert any(saved.glob("*.safetensors"))
+
+
+def test_both_modes_are_timed_and_compared_on_one_model(tmp_path, tiny_data):
+    cfg = make_cfg(tmp_path, "model=tiny_gpt", "eval.mode=both", data_dir=tiny_data)
+    final = run(cfg)["final"]
+    assert final["eval_s_score"] > 0 and final["eval_s_generate"] > 0
+    assert 0 <= final["generate_exact"] <= 1
+    predictions = read_csv(tmp_path / "predictions.csv")
+    assert all(r["logp_complaint"] != "" for r in predictions)  # the result is score mode's
+    exact = [r for r in predictions if r["generated"] in ("complaint", "no complaint")]
+    if exact:
+        assert final["agreement"] == sum(r["generated"] == r["prediction"] for r in exact) / len(exact)
 
 
 def test_generate_mode_maps_text_to_labels(tmp_path, tiny_data):

@@ -26,21 +26,41 @@ def quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed"):
+    for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed", "compilers"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    """One Hydra job: run it; a bad config exits with one line, other failures are recorded then raised."""
+    """One Hydra job. A single run exits 2 with one line on a bad config and raises other errors;
+    in a multirun a failed job is logged (its run directory records status and error) and the sweep
+    goes on. Returns the objective Hydra sweepers maximize: validation accuracy when
+    ``eval.select_on=validation``, else the evaluation accuracy (NaN for a failed job)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     quiet_libraries()
     from peftlab.experiment import run
 
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun:
+        from peftlab.sweep import job_banner
+
+        log.info(job_banner(cfg))
     try:
         metrics = run(cfg)
     except ConfigError as e:
+        if multirun:
+            log.error("job failed: %s", e)
+            return float("nan")
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return metrics["final"]["accuracy"]
+    except Exception as e:
+        if not multirun:
+            raise
+        log.exception("job failed: %s", e)
+        return float("nan")
+    final = metrics["final"]
+    return final.get("val_accuracy") if cfg.eval.select_on == "validation" else final["accuracy"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,11 +130,17 @@ def _validate_peft(cfg: DictConfig) -> None:
 
 def _validate_eval(cfg: DictConfig) -> None:
     e = cfg.eval
-    _check(e.mode in ("score", "generate"), f"eval.mode={e.mode} must be score or generate")
-    if e.mode == "generate":
+    _check(e.mode in ("score", "generate", "both"), f"eval.mode={e.mode} must be score, generate or both")
+    if e.mode != "score":
         _check(cfg.model.task in GENERATIVE,
-               f"eval.mode=generate needs a generative model (seq2seq or causal_lm); model={cfg.model.name} is {cfg.model.task}: use eval.mode=score")
+               f"eval.mode={e.mode} needs a generative model (seq2seq or causal_lm); model={cfg.model.name} is {cfg.model.task}: use eval.mode=score")
     _check(e.split in ("test", "validation", "kfold"), f"eval.split={e.split} must be test, validation or kfold")
+    _check(e.select_on in ("test", "validation"), f"eval.select_on={e.select_on} must be test or validation")
+    _check(cfg.logger in (None, "tensorboard", "wandb", "mlflow"), f"logger={cfg.logger} must be tensorboard, wandb, mlflow or null")
+    if cfg.logger:
+        import importlib.util
+
+        _check(importlib.util.find_spec(cfg.logger) is not None, f"logger={cfg.logger} needs `pip install {cfg.logger}`; or use logger=null")
     _check(0 < e.val_fraction < 1, f"eval.val_fraction={e.val_fraction} must be in (0, 1)")
     _check(isinstance(e.folds, int) and e.folds >= 2, f"eval.folds={e.folds} must be a whole number >= 2")
     _positive_int(e.batch_size, "eval.batch_size")

@@ -152,10 +152,15 @@ def eval_plan(cfg: DictConfig, splits: dict[str, list[dict]]) -> tuple[str, list
         folds = stratified_folds(train, k, cfg.seed)
         held = folds[0]
         return "validation", [([r for r in train if r not in held], held)]
-    folds = stratified_folds(train, cfg.eval.folds, cfg.seed)
+    return "kfold", kfold_plan(train, cfg.eval.folds, cfg.seed)
+
+
+def kfold_plan(train: list[dict], k: int, seed: int) -> list[tuple[list[dict], list[dict]]]:
+    """k (train, held-out) pairs; every row is held out exactly once."""
+    folds = stratified_folds(train, k, seed)
     if min(len(f) for f in folds) == 0:
-        raise ConfigError(f"eval.folds={cfg.eval.folds} is more than the {len(train)} labelled training rows allow; lower eval.folds")
-    return "kfold", [([r for j, f in enumerate(folds) if j != i for r in f], fold) for i, fold in enumerate(folds)]
+        raise ConfigError(f"eval.folds={k} is more than the {len(train)} labelled training rows allow; lower eval.folds")
+    return [([r for j, f in enumerate(folds) if j != i for r in f], fold) for i, fold in enumerate(folds)]
 
 
 def check_disjoint(train: list[dict], held_out: list[dict]) -> None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import difflib
 import math
 import statistics
+import time
 
 import torch
 from tqdm.auto import tqdm
 
-from peftlab.memory import StepClock
+from peftlab.memory import StepClock, synchronize
 
 
 class Diverged(RuntimeError):
@@ -53,6 +54,9 @@ def train(accelerator, model, optimizer, scheduler, loader, epochs: int, *, max_
             if accelerator.sync_gradients:
                 step += 1
                 clock.tick()
+                if step == 1:
+                    synchronize()
+                    history["first_step_at"] = time.time()
             bar.update(1)
         history["epochs"].append(_epoch_figures(accelerator, epoch, step, losses, clock, tokens, samples, history))
         bar.set_postfix(loss=f"{history['epochs'][-1]['loss']:.4f}")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import time
 from pathlib import Path
 
+import psutil
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -44,7 +46,15 @@ def run(cfg: DictConfig) -> dict:
         if is_main_process():
             OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         record.update(eval_split=plan_name, n_train=len(plan[0][0]), peft_method=peft_method(cfg))
+        validation = None
+        if cfg.eval.select_on == "validation" and plan_name != "kfold":  # choose settings without the test split
+            train = [r for r in splits["train"] if r["label"] >= 0]
+            validation = _fit_all(cfg, run_dir, splits, "kfold", data.kfold_plan(train, cfg.eval.folds, cfg.seed), record, prefix="val_")
         result = _fit_all(cfg, run_dir, splits, plan_name, plan, record)
+        if validation is not None:
+            result["final"].update(val_accuracy=validation["final"]["accuracy"], val_macro_f1=validation["final"]["macro_f1"])
+            result["phases"]["validation"] = {"wall_s": round(sum(p["wall_s"] for p in validation["phases"].values()), 3),
+                                              "folds": cfg.eval.folds}
     except engine.Diverged as e:
         record.finish("diverged", error=str(e), diverged_at_step=e.step)
         raise
@@ -70,17 +80,24 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:300] if text else ''}" if not isinstance(error, ConfigError) else text[0]
 
 
-def _fit_all(cfg, run_dir, splits, plan_name, plan, record) -> dict:
+def _fit_all(cfg, run_dir, splits, plan_name, plan, record, prefix: str = "") -> dict:
+    """Train and evaluate once per (train, eval) pair of ``plan``; pooled figures over all of them.
+
+    The main pass (``prefix=""``) saves the adapter and submission and logs to the tracker; the
+    cross-validation pass of ``eval.select_on=validation`` writes ``val_predictions.csv`` only.
+    """
     names = data.label_names(cfg.dataset)
     meter = PhaseMeter()
-    gold, pred, rows_out, histories = [], [], [], []
+    gold, pred, rows_out, histories, outs = [], [], [], [], []
+    final_model = not prefix and plan_name != "kfold"
     for fold, (train_rows, eval_rows) in enumerate(plan):
         last = fold == len(plan) - 1
-        unlabeled = [r for r in splits.get("test", []) if r["label"] < 0] if last and plan_name != "kfold" else []
+        unlabeled = [r for r in splits.get("test", []) if r["label"] < 0] if last and final_model else []
         out = fit_and_evaluate(cfg, train_rows, eval_rows, meter, run_dir=run_dir,
-                               save=last and plan_name != "kfold" and cfg.save_adapter, unlabeled=unlabeled,
-                               on_epoch=lambda h, f=fold: record.update(epochs=h["epochs"], fold=f))
+                               save=last and final_model and cfg.save_adapter, track=last and not prefix, unlabeled=unlabeled,
+                               on_epoch=lambda h, f=fold: record.update(epochs=h["epochs"], fold=f, phase=f"{prefix}train"))
         histories.append(out["history"])
+        outs.append(out)
         for r, p in zip(eval_rows, out["eval"]["pred"]):
             gold.append(r["label"])
             pred.append(p)
@@ -90,15 +107,21 @@ def _fit_all(cfg, run_dir, splits, plan_name, plan, record) -> dict:
                       [[r["id"], names[p]] for r, p in zip(unlabeled, out["unlabeled"]["pred"])])
     if is_main_process():
         header = ["id", "fold", "label", "prediction", "correct"] + [f"logp_{n}" for n in names] + ["generated", "text"]
-        write_csv(run_dir / "predictions.csv", header, rows_out)
+        write_csv(run_dir / f"{prefix}predictions.csv", header, rows_out)
     final = classification_figures(gold, pred, names)
     final["split"] = plan_name
+    last = outs[-1]
+    final.update({f"eval_s_{mode}": seconds for mode, seconds in last["eval_s"].items()})
+    if cfg.eval.mode == "both":
+        final.update(agreement(last["eval"], names))
     train_phase = meter.phases.get("train", {})
     steps = [s for h in histories for s in h["step_s"]]
     train_phase.update(steps=len(steps), s_per_step=histories[-1]["s_per_step"],
                        samples_per_s=_mean(e["samples_per_s"] for h in histories for e in h["epochs"][1:] or h["epochs"]),
                        tokens_per_s=_mean(e["tokens_per_s"] for h in histories for e in h["epochs"][1:] or h["epochs"]))
-    return {"final": final, "phases": meter.phases, "epochs": histories[-1]["epochs"], "loss_curve": histories[-1]["loss_curve"],
+    first_step = histories[0].get("first_step_at")
+    started = psutil.Process().create_time()
+    return {"final": final, "phases": meter.phases, "time_to_first_step_s": round(first_step - started, 2) if first_step else None, "epochs": histories[-1]["epochs"], "loss_curve": histories[-1]["loss_curve"],
             **({"folds": [h["epochs"][-1] for h in histories]} if len(histories) > 1 else {})}
 
 
@@ -117,28 +140,31 @@ def _prediction_rows(rows, out, names, fold) -> list[list]:
 
 
 def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, *, run_dir: Path, save: bool,
-                     unlabeled=(), on_epoch=None) -> dict:
+                     track: bool = False, unlabeled=(), on_epoch=None) -> dict:
     """Build a fresh Accelerator and model, train on ``train_rows``, predict ``eval_rows`` (and ``unlabeled``)."""
     names = data.label_names(cfg.dataset)
     task = cfg.model.task
     with meter.phase("setup"):
         if not cfg.model.pretrained and cfg.model.get("materialize", True):
             modeling.random_weights(cfg, len(names))  # before zero.Init is switched on
-        accelerator = make_accelerator(cfg, str(run_dir))
+        accelerator = make_accelerator(cfg, str(run_dir), log_with=cfg.logger if track else None)
+        if track and cfg.logger:
+            accelerator.init_trackers(cfg.logger, config=hyperparameters(cfg))
         tok = modeling.load_tokenizer(cfg.model)
         targets = data.class_targets(tok, task, names) if task != "seq_cls" else None
         with accelerator.main_process_first():
-            encode = lambda rows: data.encode(rows, tok, task, cfg.dataset.prompt, names, cfg.train.max_length)  # noqa: E731
+            encode = lambda rows: data.encode(rows, tok, task, cfg.dataset.prompt, names, cfg.train.max_length)
             train_feats, eval_feats, extra_feats = encode(train_rows), encode(eval_rows), encode(list(unlabeled)) if unlabeled else []
         train_dl = data.loader(train_feats, data.Collator(task, "train", tok.pad_token_id), cfg.train.batch_size, True, cfg.seed)
-        eval_purpose = "generate" if cfg.eval.mode == "generate" else "score"
-        eval_collator = data.Collator(task, eval_purpose, tok.pad_token_id, targets)
-        eval_dl = data.loader(eval_feats, eval_collator, cfg.eval.batch_size, False, cfg.seed)
+        modes = ["score", "generate"] if cfg.eval.mode == "both" else [cfg.eval.mode]
+        eval_dls = {mode: data.loader(eval_feats, data.Collator(task, mode, tok.pad_token_id, targets), cfg.eval.batch_size, False, cfg.seed)
+                    for mode in modes}
         total = modeling.optimizer_steps(len(train_feats), cfg, accelerator.num_processes)
         model = modeling.build_model(cfg, len(names), total)
         optimizer = instantiate(cfg.optimizer, modeling.trainable_parameters(model))
         scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total), total)
-        model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+        model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
+        eval_dls = {mode: accelerator.prepare(dl) for mode, dl in eval_dls.items()}
         trainable, params = modeling.count_parameters(model)
         if accelerator.is_main_process:
             log.info("%s + %s on %s (%s): %s of %s parameters train", cfg.model.name, peft_method(cfg), accelerator.device,
@@ -148,26 +174,65 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
                 write_json(run_dir / "deepspeed.json", ds)
     with meter.phase("train"):
         history = engine.train(accelerator, model, optimizer, scheduler, train_dl, cfg.train.epochs,
-                               max_grad_norm=cfg.train.max_grad_norm, adalora=peft_method(cfg) == "adalora", on_epoch=on_epoch)
-    predict = lambda dl: engine.predict(  # noqa: E731
-        accelerator, model, dl, task, cfg.eval.mode, len(names), tokenizer=tok, label_names=names,
+                               max_grad_norm=cfg.train.max_grad_norm, adalora=peft_method(cfg) == "adalora",
+                               on_epoch=lambda h: (_log_epoch(accelerator, h), on_epoch and on_epoch(h)))
+    predict = lambda dl, mode: engine.predict(
+        accelerator, model, dl, task, mode, len(names), tokenizer=tok, label_names=names,
         max_new_tokens=cfg.eval.max_new_tokens, synced_gpus=is_zero3(accelerator))
     with meter.phase("eval"):
-        result = {"history": history, "eval": _in_row_order(predict(eval_dl)), "trainable_params": trainable}
+        result = {"history": history, "trainable_params": trainable, "eval_s": {}}
+        for mode, dl in eval_dls.items():
+            start = time.perf_counter()
+            out = _in_row_order(predict(dl, mode))
+            result["eval_s"][mode] = round(time.perf_counter() - start, 3)
+            result["eval"] = _merge(result.get("eval"), out)
         if extra_feats:
-            extra_dl = accelerator.prepare(data.loader(extra_feats, eval_collator, cfg.eval.batch_size, False, cfg.seed))
-            result["unlabeled"] = _in_row_order(predict(extra_dl))
+            mode = modes[0]
+            extra_dl = accelerator.prepare(data.loader(extra_feats, data.Collator(task, mode, tok.pad_token_id, targets),
+                                                       cfg.eval.batch_size, False, cfg.seed))
+            result["unlabeled"] = _in_row_order(predict(extra_dl, mode))
+    figures = classification_figures([r["label"] for r in eval_rows], result["eval"]["pred"], names)
+    accelerator.log({"eval/accuracy": figures["accuracy"], "eval/macro_f1": figures["macro_f1"]}, step=history["loss_curve"][-1][0])
     if save:
         with meter.phase("save"):
             save_trained(accelerator, model, run_dir)
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group the next training reuses
         tracker.finish()
-    del model, optimizer, scheduler, train_dl, eval_dl
     accelerator.free_memory()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def _merge(first: dict | None, second: dict) -> dict:
+    """eval.mode=both: score-mode predictions, with generate-mode text and labels beside them."""
+    return second if first is None else dict(first, text=second["text"], generate_pred=second["pred"])
+
+
+def agreement(out: dict, names: list[str]) -> dict:
+    """How often generate's text is exactly a label, and how often it then equals the score prediction."""
+    exact = [i for i, t in enumerate(out["text"]) if t in names]
+    same = sum(names.index(out["text"][i]) == out["pred"][i] for i in exact)
+    return {"generate_exact": round(len(exact) / len(out["text"]), 6),
+            "agreement": round(same / len(exact), 6) if exact else None}
+
+
+def hyperparameters(cfg: DictConfig) -> dict:
+    """Scalars for the tracker's hparams view: the groups chosen and the knobs swept most."""
+    values = {"model": cfg.model.name, "peft": peft_method(cfg), "zero": cfg.zero.name, "seed": cfg.seed,
+              **{f"train.{k}": v for k, v in cfg.train.items()},
+              **{f"peft.{k}": v for k, v in cfg.peft.items() if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _log_epoch(accelerator, history: dict) -> None:
+    """The new epoch's per-step losses and speed to the tracker (no-op without one)."""
+    epoch = history["epochs"][-1]
+    for step, loss in history["loss_curve"][-epoch["steps"]:]:
+        accelerator.log({"train/loss": loss}, step=step)
+    accelerator.log({f"train/{k}": v for k, v in epoch.items() if k in ("samples_per_s", "tokens_per_s", "s_per_step") and v},
+                    step=history["loss_curve"][-1][0])
 
 
 def _in_row_order(out: dict) -> dict:
@@ -190,6 +255,7 @@ def summary_line(m: dict) -> str:
     train = ph.get("train", {})
     gpu = max((p.get("gpu_peak_alloc_mb") or 0) for p in ph.values()) if ph else 0
     cpu = max((p.get("cpu_peak_rss_mb") or 0) for p in ph.values()) if ph else 0
-    return (f"{f.get('split')} accuracy {f.get('accuracy', float('nan')):.4f}, macro-F1 {f.get('macro_f1', float('nan')):.4f} "
+    val = f" (validation folds {f['val_accuracy']:.4f})" if f.get("val_accuracy") is not None else ""
+    return (f"{f.get('split')} accuracy {f.get('accuracy', float('nan')):.4f}{val}, macro-F1 {f.get('macro_f1', float('nan')):.4f} "
             f"({f.get('n_eval')} rows) | {train.get('s_per_step')} s/step, {train.get('tokens_per_s')} tokens/s | "
-            f"GPU peak {'%.0f MB' % gpu if gpu else 'n/a'}, CPU peak {cpu:.0f} MB | wall {m.get('wall_s')} s | {m.get('run_dir')}")
+            f"GPU peak {f'{gpu:.0f} MB' if gpu else 'n/a'}, CPU peak {cpu:.0f} MB | wall {m.get('wall_s')} s | {m.get('run_dir')}")

@@ -27,12 +27,12 @@ def predict_run(run_dir: str | Path, rows: list[dict] | None = None, batch_size:
         rows = data.eval_plan(cfg, data.load_splits(cfg.dataset, cfg.paths.data_dir))[1][-1][1]
     task = cfg.model.task
     targets = data.class_targets(tok, task, names) if task != "seq_cls" else None
-    purpose = "generate" if cfg.eval.mode == "generate" else "score"
+    mode = "generate" if cfg.eval.mode == "generate" else "score"  # eval.mode=both: score is the result
     feats = data.encode(rows, tok, task, cfg.dataset.prompt, names, cfg.train.max_length)
-    loader = data.loader(feats, data.Collator(task, purpose, tok.pad_token_id, targets), batch_size, False, cfg.seed)
+    loader = data.loader(feats, data.Collator(task, mode, tok.pad_token_id, targets), batch_size, False, cfg.seed)
     reset_state()
     accelerator = Accelerator(cpu=True)
-    out = engine.predict(accelerator, model, loader, task, cfg.eval.mode, len(names), tokenizer=tok, label_names=names,
+    out = engine.predict(accelerator, model, loader, task, mode, len(names), tokenizer=tok, label_names=names,
                          max_new_tokens=cfg.eval.max_new_tokens)
     reset_state()
     return rows, out, names

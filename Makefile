@@ -1,0 +1,45 @@
+# peftlab: `make help` lists the targets.
+PYTHON ?= python
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The offline twitter_complaints copy on these machines; elsewhere the hub copy is used.
+SHARED_DATA := $(abspath ../shared/data)
+export PEFTLAB_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/twitter_complaints),$(SHARED_DATA))
+export HF_HUB_OFFLINE ?= $(if $(PEFTLAB_DATA_DIR),1)
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run sweep compare test test-fast lint bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: ## create .venv and install peftlab with its test tools (CPU torch)
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,sweep]'
+
+run: ## the main command: ZeRO-3 + CPU offload, LoRA, default model (ARGS=... adds overrides)
+	$(BIN)/python run.py zero=stage3_cpu peft=lora $(ARGS)
+
+sweep: ## a small r x alpha sweep on the tiny model (ARGS=... adds overrides)
+	$(BIN)/python run.py -m model=tiny_bert peft.r=4,8,16 peft.lora_alpha=16,32 $(ARGS)
+
+compare: ## compare the newest sweep (or DIRS=...)
+	$(BIN)/peftlab compare $(or $(DIRS),$(lastword $(sort $(wildcard multirun/*/*))))
+
+test: ## the whole test suite (real DeepSpeed on the CPU; ~10 min on 2 cores)
+	$(BIN)/python -m pytest -q
+
+test-fast: ## the tests that train no model
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: ## ruff
+	$(BIN)/ruff check src tests run.py
+
+bench: ## speed and memory of the guide's comparison on whatever device is here
+	$(BIN)/python -m peftlab.bench $(ARGS)
+
+clean: ## remove outputs/ and multirun/ contents
+	rm -rf outputs multirun/*/

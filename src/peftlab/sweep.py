@@ -1,0 +1,89 @@
+"""Hydra multirun support: progress per job, a summary at the end, and the sweep's exit code.
+
+``SweepSummary`` is a Hydra callback (registered in conf/config.yaml under ``hydra.callbacks``).
+Jobs run in one process with the basic launcher; each starts from a fresh Accelerator/DeepSpeed
+state and its run directory records its own status, so a failed job never stops the sweep.
+At the end the callback reads every job's metrics.json, prints one summary line, writes
+``sweep.json`` into the sweep directory and exits non-zero when any job did not finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("peftlab")
+TOTAL_ENV = "PEFTLAB_SWEEP_TOTAL"
+
+
+def count_jobs(config: DictConfig) -> int | None:
+    """Number of jobs a basic-sweeper multirun will launch (None when the sweeper decides, e.g. Optuna)."""
+    sweeper = config.hydra.sweeper.get("_target_", "")
+    if "optuna" in sweeper.lower():
+        return config.hydra.sweeper.get("n_trials")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        return math.prod(len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in overrides)
+    except Exception:  # interval sweeps and the like: the sweeper alone knows
+        return None
+
+
+def job_banner(config: DictConfig) -> str:
+    """'job 3/9: peft.r=8 peft.lora_alpha=16'."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra = HydraConfig.get()
+    total = os.environ.get(TOTAL_ENV) or "?"
+    return f"job {hydra.job.num + 1}/{total}: {' '.join(hydra.overrides.task) or '(no overrides)'}"
+
+
+def read_jobs(sweep_dir: Path) -> list[dict]:
+    jobs = []
+    for metrics in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        try:
+            jobs.append(json.loads(metrics.read_text()))
+        except (OSError, json.JSONDecodeError):
+            jobs.append({"status": "corrupt", "run_dir": str(metrics.parent)})
+    return jobs
+
+
+def summarize(jobs: list[dict], wall_s: float) -> dict:
+    statuses = [j.get("status", "unknown") for j in jobs]
+    in_jobs = sum((j.get("phases", {}).get(p, {}).get("wall_s") or 0) for j in jobs for p in ("train", "eval", "validation"))
+    return {"jobs": len(jobs), "finished": statuses.count("finished"), "not_finished": len(jobs) - statuses.count("finished"),
+            "statuses": {s: statuses.count(s) for s in sorted(set(statuses))}, "wall_s": round(wall_s, 2),
+            "train_eval_s": round(in_jobs, 2), "outside_train_eval": round(1 - in_jobs / wall_s, 4) if wall_s else None,
+            "failed": [{"run_dir": j.get("run_dir"), "status": j.get("status"), "error": j.get("error")}
+                       for j in jobs if j.get("status") != "finished"]}
+
+
+class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.start = time.perf_counter()
+        total = count_jobs(config)
+        if total:
+            os.environ[TOTAL_ENV] = str(total)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        summary = summarize(read_jobs(sweep_dir), time.perf_counter() - getattr(self, "start", time.perf_counter()))
+        (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+        share = summary["outside_train_eval"]
+        log.info("sweep %s: %d jobs, %d finished, %d not finished %s | %.0f s, %s outside the jobs' train/eval phases",
+                 sweep_dir, summary["jobs"], summary["finished"], summary["not_finished"], summary["statuses"],
+                 summary["wall_s"], f"{share:.0%}" if share is not None else "n/a")
+        for job in summary["failed"]:
+            log.error("  %s: %s %s", job["run_dir"], job["status"], job["error"] or "")
+        os.environ.pop(TOTAL_ENV, None)
+        if summary["not_finished"]:
+            sys.exit(1)

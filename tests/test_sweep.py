@@ -1,0 +1,90 @@
+"""Real Hydra multiruns on the CPU: failures recorded and survived, jobs reproducible alone,
+compare over the result, and the Optuna sweeper."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from peftlab import compare
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def run_py(*args, timeout=900):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def predictions(run_dir):
+    with open(run_dir / "predictions.csv", newline="") as f:
+        return [(r["id"], r["prediction"], r["logp_complaint"], r["logp_no complaint"]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_data):
+    """peft.r x peft.lora_alpha on the tiny model, where r=0 is made to fail (an invalid value)."""
+    out = tmp_path_factory.mktemp("sweep")
+    result = run_py("-m", "model=tiny_bert", "peft.r=0,4,8", "peft.lora_alpha=16,32", "train.epochs=2",
+                    f"dataset.data_dir={tiny_data}", f"hydra.sweep.dir={out}")
+    return out, result
+
+
+def test_failed_jobs_are_recorded_and_the_sweep_goes_on(sweep):
+    out, result = sweep
+    assert result.returncode == 1, result.stderr[-2000:]  # some jobs failed: the sweep says so
+    assert (out / "multirun.yaml").is_file()
+    statuses = {int(d.name): json.loads((d / "metrics.json").read_text())["status"] for d in out.iterdir() if d.name.isdigit()}
+    assert statuses == {0: "failed", 1: "failed", 2: "finished", 3: "finished", 4: "finished", 5: "finished"}
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["jobs"] == 6 and summary["finished"] == 4 and summary["statuses"] == {"failed": 2, "finished": 4}
+    assert "job 6/6: " in result.stderr + result.stdout
+    assert "peft.r=0 must be a whole number >= 1" in json.loads((out / "0" / "metrics.json").read_text())["error"]
+
+
+def test_compare_shows_every_job_with_its_status_and_a_heatmap(sweep, tmp_path, capsys):
+    out, _ = sweep
+    assert compare.main([str(out), "--out", str(tmp_path)]) == 0
+    table = list(csv.DictReader(open(tmp_path / "compare.csv")))
+    assert len(table) == 6
+    assert sorted(r["status"] for r in table) == ["failed"] * 2 + ["finished"] * 4
+    config_columns = [c for c in table[0] if c.startswith(("peft.", "model.", "train.", "zero.", "dataset.", "eval."))]
+    assert config_columns == ["peft.r", "peft.lora_alpha"]
+    assert all(r["accuracy"] == "" for r in table if r["status"] == "failed")
+    assert (tmp_path / "heatmap_accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+
+
+def test_a_sweep_job_equals_the_same_job_run_alone(sweep, tmp_path, tiny_data):
+    out, _ = sweep
+    job = next(d for d in out.iterdir() if d.name.isdigit()
+               and json.loads((d / "metrics.json").read_text()).get("status") == "finished"
+               and "peft.r=8" in (d / ".hydra" / "overrides.yaml").read_text()
+               and "peft.lora_alpha=32" in (d / ".hydra" / "overrides.yaml").read_text())
+    result = run_py("model=tiny_bert", "peft.r=8", "peft.lora_alpha=32", "train.epochs=2", f"dataset.data_dir={tiny_data}",
+                    f"hydra.run.dir={tmp_path / 'alone'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert predictions(tmp_path / "alone") == predictions(job)
+    alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())
+    assert alone["loss_curve"] == json.loads((job / "metrics.json").read_text())["loss_curve"]
+
+
+def test_tensorboard_logs_land_in_each_run_directory(sweep):
+    out, _ = sweep
+    assert list((out / "2" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_optuna_sweeper_maximizes_validation_accuracy(tmp_path, tiny_data):
+    result = run_py("-m", "experiment=optuna_lora", "model=tiny_bert", "hydra.sweeper.n_trials=3", "eval.folds=2",
+                    "train.epochs=1", f"dataset.data_dir={tiny_data}", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = [json.loads((tmp_path / str(i) / "metrics.json").read_text()) for i in range(3)]
+    assert all(j["status"] == "finished" and 0 <= j["final"]["val_accuracy"] <= 1 for j in jobs)
+    best = (tmp_path / "optimization_results.yaml").read_text()
+    assert "best_params" in best and "train.lr" in best
+    assert f"best_value: {max(j['final']['val_accuracy'] for j in jobs)}" in best
