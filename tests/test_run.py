@@ -30,7 +30,7 @@ def check_run_dir(run_dir, tiny_data, zero: str):
     assert train_phase["s_per_step"] > 0 and train_phase["tokens_per_s"] > 0 and train_phase["cpu_peak_rss_mb"] > 0
     assert len(metrics["loss_curve"]) == metrics["phases"]["train"]["steps"]
     assert metrics["versions"]["deepspeed"] and metrics["device"]
-    assert 0 < metrics["time_to_first_step_s"] < metrics["wall_s"] + 60
+    assert metrics["time_to_first_step_s"] > 0
     predictions = read_csv(run_dir / "predictions.csv")
     train_ids = {r["ID"] for r in read_csv(tiny_data / "train.csv")}
     assert len(predictions) == 24 and not train_ids & {r["id"] for r in predictions}

@@ -46,6 +46,8 @@ VARIANTS: dict[str, list[str]] = {
     "none": ["zero=none"],
     "stage2": ["zero=stage2"],
     "stage3": ["zero=stage3"],
+    "stage3_both": ["zero=stage3", "eval.mode=both"],  # score vs generate on one model and run
+    "stage3_cpu_guide": ["zero=stage3_cpu_guide"],      # the guide's DeepSpeed settings, untuned
     "stage3_cpu": ["zero=stage3_cpu"],
     "stage3_cpu_bf16": ["zero=stage3_cpu", "train.mixed_precision=bf16"],
 }
@@ -90,7 +92,7 @@ def variants(names: list[str]) -> dict[str, list[str]]:
 
 def guide_config_for(variant: str) -> str:
     """The guide configuration a peftlab variant compares with: CPU-offloaded stage 3 vs zero3_cpu, else zero3."""
-    return "zero3_cpu" if "zero=stage3_cpu" in VARIANTS.get(variant, []) else "zero3"
+    return "zero3_cpu" if any(o.startswith("zero=stage3_cpu") for o in VARIANTS.get(variant, [])) else "zero3"
 
 
 def merge_overrides(*groups: list[str]) -> list[str]:

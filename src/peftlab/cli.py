@@ -31,13 +31,19 @@ def quiet_libraries() -> None:
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    """One Hydra job. A single run exits 2 with one line on a bad config and raises other errors;
-    in a multirun a failed job is logged (its run directory records status and error) and the sweep
-    goes on. Returns the objective Hydra sweepers maximize: validation accuracy when
+    """One Hydra job. With ``launcher.num_processes=N`` this process starts N ranks and waits
+    (peftlab.launch); in a task of a submitit/SLURM job it is one rank. A single run exits 2 with one
+    line on a bad config and raises other errors; in a multirun a failed job is logged (its run
+    directory records status and error) and the sweep goes on, except that one rank of several
+    re-raises, so that its launcher ends the others. Returns the objective Hydra sweepers maximize: validation accuracy when
     ``eval.select_on=validation``, else the evaluation accuracy (NaN for a failed job)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from peftlab import distributed, launch
+
+    distributed.env_from_submitit()  # a task of a multi-task submitit/SLURM job is one rank
+    distributed.quiet_other_ranks()
     quiet_libraries()
     from peftlab.experiment import run
 
@@ -47,20 +53,21 @@ def run_job(cfg: DictConfig) -> float | None:
 
         log.info(job_banner(cfg))
     try:
-        metrics = run(cfg)
-    except ConfigError as e:
+        # launcher.num_processes=N: this process starts N ranks and waits; else it is the (or a) rank
+        metrics = launch.relaunch(cfg) if launch.requested(cfg) else distributed.add_run_figures(run(cfg))
+    except (ConfigError, launch.LaunchFailed) as e:
         if multirun:
             log.error("job failed: %s", e)
             return float("nan")
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "returncode", 2))
     except Exception as e:
-        if not multirun:
+        if not multirun or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of several: exit, so the launcher ends the others
             raise
         log.exception("job failed: %s", e)
         return float("nan")
     final = metrics["final"]
-    return final.get("val_accuracy") if cfg.eval.select_on == "validation" else final["accuracy"]
+    return final.get("val_accuracy") if cfg.eval.select_on == "validation" else final.get("accuracy")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ Mixed precision reaches DeepSpeed through Accelerate (``train.mixed_precision``)
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -15,6 +16,8 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import DeepSpeedPlugin
 from omegaconf import DictConfig, OmegaConf
+
+_ZERO3_PARTITIONS: dict = {}  # the last training's, for add_run_figures
 
 
 def deepspeed_config(cfg: DictConfig) -> dict | None:
@@ -41,7 +44,7 @@ def deepspeed_config(cfg: DictConfig) -> dict | None:
     }
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -51,12 +54,13 @@ def ensure_process_group_env() -> None:
     """A plain ``python run.py`` is a world of one; DeepSpeed still wants a process group."""
     if "WORLD_SIZE" in os.environ:
         return
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 
 
 def make_accelerator(cfg: DictConfig, project_dir: str, log_with: str | None = None) -> Accelerator:
     """A fresh Accelerator for one training (state of any earlier one in this process is reset)."""
     reset_state()
+    _ZERO3_PARTITIONS.clear()
     ds = deepspeed_config(cfg)
     plugin = None
     os.environ["ACCELERATE_USE_DEEPSPEED"] = str(ds is not None).lower()  # read by PartialState below
@@ -95,3 +99,64 @@ def reset_state() -> None:
     except ImportError:
         pass
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_from_submitit() -> None:
+    """Inside a task of a submitit job (``hydra/launcher=slurm|submitit_slurm|submitit_local``), one task
+    per GPU: torch.distributed's variables from the scheduler's. On SLURM: SLURM_PROCID -> RANK,
+    SLURM_NTASKS -> WORLD_SIZE, SLURM_LOCALID -> LOCAL_RANK, the first host of SLURM_JOB_NODELIST ->
+    MASTER_ADDR, and a port derived from the job id (the same in all its tasks) -> MASTER_PORT."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    import zlib
+
+    import submitit
+
+    job = submitit.JobEnvironment()
+    port = 20000 + zlib.crc32(job.job_id.encode()) % 30000 if job.num_tasks > 1 else free_port()
+    os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank),
+                      LOCAL_WORLD_SIZE=str(job.num_tasks // job.num_nodes), MASTER_ADDR=job.hostnames[0],
+                      MASTER_PORT=str(port))
+
+
+def quiet_other_ranks() -> None:
+    """Ranks other than 0 log warnings and errors only (rank 0 speaks for the run)."""
+    if rank() != 0:
+        for name in ("", "submitit"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+
+def zero3_partitions(accelerator: Accelerator, model) -> dict | None:
+    """Under ZeRO-3, how many parameter elements each rank holds (``ds_tensor``, its partition) and
+    the model's total; None otherwise. A collective: every rank calls it, after ``prepare``. Kept
+    for :func:`add_run_figures`, which puts it into metrics.json."""
+    if not is_zero3(accelerator):
+        return None
+    params = list(model.parameters())
+    local = sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor"))
+    per_rank = accelerator.gather(torch.tensor([local], device=accelerator.device)).tolist()
+    _ZERO3_PARTITIONS.update(numel_per_rank=per_rank, numel_total=sum(getattr(p, "ds_numel", p.numel()) for p in params))
+    if accelerator.is_main_process:
+        logging.getLogger("peftlab").info("ZeRO-3 partitions: %s of %s parameter elements per rank", per_rank,
+                                          f"{_ZERO3_PARTITIONS['numel_total']:,}")
+    return dict(_ZERO3_PARTITIONS)
+
+
+def add_run_figures(metrics: dict) -> dict:
+    """Rank 0, after a finished run: the number of processes and the ZeRO-3 partition sizes into metrics.json."""
+    if rank() != 0 or metrics.get("status") != "finished":
+        return metrics
+    from pathlib import Path
+
+    from peftlab.rundir import write_json
+
+    metrics["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
+    if _ZERO3_PARTITIONS:
+        metrics["zero3_partitions"] = dict(_ZERO3_PARTITIONS)
+    write_json(Path(metrics["run_dir"]) / "metrics.json", metrics)
+    return metrics

@@ -11,6 +11,7 @@ import difflib
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -27,16 +28,24 @@ class Diverged(RuntimeError):
 
 
 def train(accelerator, model, optimizer, scheduler, loader, epochs: int, *, max_grad_norm, adalora: bool,
-          on_epoch=None) -> dict:
-    """Train for ``epochs``; returns per-epoch figures, the loss curve and step statistics."""
+          on_epoch=None, profile_steps: int = 0, profile_to=None) -> dict:
+    """Train for ``epochs``; returns per-epoch figures, the loss curve and step statistics.
+
+    With ``profile_steps`` > 0 the first that many batches of the second epoch run under the torch
+    profiler and its table (top operators by device, then host, time) goes to ``profile_to``.
+    """
     history = {"epochs": [], "loss_curve": [], "step_s": []}
     step = 0
     bar = tqdm(total=epochs * len(loader), desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for epoch in range(epochs):
         model.train()
         clock, losses, tokens, samples = StepClock(), [], 0, 0
+        profiler = _profiler(profile_steps) if epoch == min(1, epochs - 1) and profile_steps else None
         clock.tick()
-        for batch in loader:
+        for i, batch in enumerate(loader):
+            if profiler is not None and i == profile_steps:
+                _write_profile(profiler, profile_to)
+                profiler = None
             batch.pop("row")
             tokens += batch.pop("num_tokens")
             samples += len(batch["input_ids"])
@@ -58,6 +67,8 @@ def train(accelerator, model, optimizer, scheduler, loader, epochs: int, *, max_
                     synchronize()
                     history["first_step_at"] = time.time()
             bar.update(1)
+        if profiler is not None:
+            _write_profile(profiler, profile_to)
         history["epochs"].append(_epoch_figures(accelerator, epoch, step, losses, clock, tokens, samples, history))
         bar.set_postfix(loss=f"{history['epochs'][-1]['loss']:.4f}")
         if on_epoch is not None:
@@ -66,6 +77,26 @@ def train(accelerator, model, optimizer, scheduler, loader, epochs: int, *, max_
     steady = history["step_s"][len(history["step_s"]) // max(epochs, 1):] or history["step_s"]  # skip epoch 1 (warm-up)
     history["s_per_step"] = round(statistics.median(steady), 5) if steady else None
     return history
+
+
+def _profiler(steps: int):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities)
+    profiler.__enter__()
+    return profiler
+
+
+def _write_profile(profiler, path) -> None:
+    synchronize()
+    profiler.__exit__(None, None, None)
+    table = profiler.key_averages()
+    device = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    text = "\n\n".join(f"sorted by {key}:\n" + table.table(sort_by=key, row_limit=30, max_name_column_width=70)
+                        for key in dict.fromkeys([device, "self_cpu_time_total", "cpu_time_total"]))
+    if path is not None:
+        Path(path).write_text(text)
 
 
 def _epoch_figures(accelerator, epoch, step, losses, clock, tokens, samples, history) -> dict:

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_linear_schedule_with_warmup
 
-from peftlab import data, engine, modeling
+from peftlab import data, distributed, engine, modeling
 from peftlab.config import ConfigError, peft_method, validate
 from peftlab.distributed import is_zero3, make_accelerator, reset_state, used_deepspeed_config
 from peftlab.memory import PhaseMeter
@@ -32,8 +32,13 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+_runs_in_process = 0
+
+
 def run(cfg: DictConfig) -> dict:
     """Train and evaluate as configured; returns the final metrics.json content."""
+    global _runs_in_process
+    _runs_in_process += 1
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = RunRecord(run_dir, write=is_main_process())
@@ -120,7 +125,7 @@ def _fit_all(cfg, run_dir, splits, plan_name, plan, record, prefix: str = "") ->
                        samples_per_s=_mean(e["samples_per_s"] for h in histories for e in h["epochs"][1:] or h["epochs"]),
                        tokens_per_s=_mean(e["tokens_per_s"] for h in histories for e in h["epochs"][1:] or h["epochs"]))
     first_step = histories[0].get("first_step_at")
-    started = psutil.Process().create_time()
+    started = record.started_at if _runs_in_process > 1 else psutil.Process().create_time()  # the command's start, once
     return {"final": final, "phases": meter.phases, "time_to_first_step_s": round(first_step - started, 2) if first_step else None, "epochs": histories[-1]["epochs"], "loss_curve": histories[-1]["loss_curve"],
             **({"folds": [h["epochs"][-1] for h in histories]} if len(histories) > 1 else {})}
 
@@ -161,10 +166,12 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
                     for mode in modes}
         total = modeling.optimizer_steps(len(train_feats), cfg, accelerator.num_processes)
         model = modeling.build_model(cfg, len(names), total)
+        modeling.set_zero3_leaves(model, cfg)
         optimizer = instantiate(cfg.optimizer, modeling.trainable_parameters(model))
         scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total), total)
         model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
         eval_dls = {mode: accelerator.prepare(dl) for mode, dl in eval_dls.items()}
+        distributed.zero3_partitions(accelerator, model)  # each rank's share of the parameters -> metrics.json (a collective)
         trainable, params = modeling.count_parameters(model)
         if accelerator.is_main_process:
             log.info("%s + %s on %s (%s): %s of %s parameters train", cfg.model.name, peft_method(cfg), accelerator.device,
@@ -175,7 +182,8 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
     with meter.phase("train"):
         history = engine.train(accelerator, model, optimizer, scheduler, train_dl, cfg.train.epochs,
                                max_grad_norm=cfg.train.max_grad_norm, adalora=peft_method(cfg) == "adalora",
-                               on_epoch=lambda h: (_log_epoch(accelerator, h), on_epoch and on_epoch(h)))
+                               on_epoch=lambda h: (_log_epoch(accelerator, h), on_epoch and on_epoch(h)),
+                               profile_steps=cfg.train.profile_steps if track else 0, profile_to=run_dir / "profile.txt")
     predict = lambda dl, mode: engine.predict(
         accelerator, model, dl, task, mode, len(names), tokenizer=tok, label_names=names,
         max_new_tokens=cfg.eval.max_new_tokens, synced_gpus=is_zero3(accelerator))

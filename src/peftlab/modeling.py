@@ -90,6 +90,26 @@ def random_weights(cfg: DictConfig, num_labels: int) -> Path:
     return folder
 
 
+def set_zero3_leaves(model, cfg: DictConfig) -> list[str]:
+    """Under ZeRO-3 with ``zero.leaf_layers``, fetch each transformer layer's parameters in one go.
+
+    ZeRO-3 otherwise gathers and releases every submodule's parameters through its own hooks
+    (hundreds per step for bart-large, each a small copy plus Python overhead); marking the layer
+    classes named in ``model.layer_classes`` as leaves makes it one gather per layer.
+    """
+    names = set(cfg.model.get("layer_classes") or [])
+    if cfg.zero.stage != 3 or not cfg.zero.get("leaf_layers") or not names:
+        return []
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = list({type(m) for m in model.modules() if type(m).__name__ in names})
+    set_z3_leaf_modules(model, classes)
+    # A leaf's backward hook fires through its inputs' gradients; with frozen embeddings the first
+    # layer's input needs none, and its parameters would never be fetched for backward.
+    model.enable_input_require_grads()
+    return sorted(c.__name__ for c in classes)
+
+
 def peft_config(cfg: DictConfig, total_steps: int):
     """The PEFT config instantiated from ``cfg.peft`` (``_target_``), or None for full fine-tuning."""
     method = peft_method(cfg)

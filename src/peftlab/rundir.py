@@ -77,6 +77,7 @@ class RunRecord:
         self.path = Path(run_dir) / "metrics.json"
         self.write_enabled = write
         self.start = time.perf_counter()
+        self.started_at = time.time()
         self.data: dict = {"status": "running", "error": None, "started": now(), "run_dir": str(run_dir),
                            "versions": versions(), "device": device_info()}
         self.save()

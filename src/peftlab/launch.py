@@ -1,0 +1,163 @@
+"""One run over several processes or machines: ``python run.py launcher.num_processes=N ...``.
+
+The parent (``run.py``, after Hydra composed the config) checks the ``launcher`` settings and the
+run config, writes the resolved ``config.yaml`` into the run directory and starts the ranks with
+
+    accelerate launch --multi_gpu --num_processes N ... -m peftlab.launch RUN_DIR
+
+Each rank reads RUN_DIR/config.yaml (nothing is composed again) and runs the experiment; rank 0
+writes the records, the other ranks log warnings only. The parent trains nothing: it waits, and
+returns the ranks' metrics.json or raises :class:`LaunchFailed` with their exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from peftlab.cli import quiet_libraries
+from peftlab.config import ConfigError, validate
+from peftlab.distributed import add_run_figures, free_port, quiet_other_ranks, rank
+from peftlab.rundir import RunRecord, write_json
+
+log = logging.getLogger("peftlab")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's
+
+
+class LaunchFailed(RuntimeError):
+    def __init__(self, message: str, returncode: int):
+        super().__init__(message)
+        self.returncode = returncode
+
+
+def requested(cfg: DictConfig) -> bool:
+    """Whether ``launcher.*`` asks for anything but this one process."""
+    la = cfg.get("launcher") or {}
+    return la.get("num_processes", 1) != 1 or la.get("num_machines", 1) != 1
+
+
+def check(cfg: DictConfig, shared_dir_given: bool = True) -> None:
+    """One-line ConfigError for launcher settings that cannot work."""
+    la = cfg.launcher
+    for key in ("num_processes", "num_machines"):
+        value = la[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"launcher.{key}={value} must be a whole number >= 1")
+    n, machines = la.num_processes, la.num_machines
+    if n % machines:
+        raise ConfigError(f"launcher.num_processes={n} must be a multiple of launcher.num_machines={machines} "
+                          "(the same number of processes, one per GPU, on every machine)")
+    if not (isinstance(la.machine_rank, int) and 0 <= la.machine_rank < machines):
+        raise ConfigError(f"launcher.machine_rank={la.machine_rank} must be 0..{machines - 1} (this machine's place among launcher.num_machines)")
+    if machines > 1 and not la.main_process_ip:
+        raise ConfigError(f"launcher.num_machines={machines} needs launcher.main_process_ip=ADDRESS (machine 0's, reachable from all)")
+    if machines > 1 and not shared_dir_given:
+        raise ConfigError(f"launcher.num_machines={machines} needs hydra.run.dir=PATH (hydra.sweep.dir=PATH with -m) on a filesystem "
+                          "all machines share, the same in every machine's command")
+    port = la.main_process_port
+    if port is not None and not (isinstance(port, int) and 1024 <= port <= 65535):
+        raise ConfigError(f"launcher.main_process_port={port} must be a port number 1024..65535, or null for a free one")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ConfigError(f"launcher.num_processes={n} inside a launch of {world} processes (WORLD_SIZE={world}): "
+                          "start with python run.py launcher.num_processes=N, or with accelerate launch/torchrun/deepspeed/SLURM tasks, not both")
+
+
+def command(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """The ``accelerate launch`` command line that starts this machine's ranks."""
+    la = cfg.launcher
+    port = la.main_process_port or (29500 if la.num_machines > 1 else free_port())
+    # --multi_gpu: N processes through torch.distributed.run, also on a machine without GPUs (gloo then)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(la.num_processes),
+           "--num_machines", str(la.num_machines), "--machine_rank", str(la.machine_rank), "--main_process_port", str(port),
+           "--mixed_precision", str(cfg.train.mixed_precision), "--dynamo_backend", "no"]
+    if la.main_process_ip:
+        cmd += ["--main_process_ip", str(la.main_process_ip)]
+    return [*cmd, "-m", "peftlab.launch", str(run_dir)]
+
+
+def _dir_given() -> bool:
+    """Whether the command line named the run (or sweep) directory, rather than the clock."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return True
+    hydra = HydraConfig.get()
+    key = "hydra.sweep.dir=" if hydra.mode == RunMode.MULTIRUN else "hydra.run.dir="
+    return any(o.startswith(key) for o in hydra.overrides.hydra)
+
+
+def relaunch(cfg: DictConfig) -> dict:
+    """Parent: start this machine's ranks and wait; the run's metrics.json once they finished."""
+    run_dir = Path(cfg.paths.output_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    first_machine = cfg.launcher.get("machine_rank", 0) == 0
+    record = RunRecord(run_dir, write=first_machine)  # 'running' until rank 0 takes over the file
+    try:
+        check(cfg, _dir_given())
+        validate(cfg)
+    except ConfigError as e:
+        record.finish("failed", error=str(e))
+        raise
+    if first_machine:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    cmd = command(cfg, run_dir)
+    log.info("launching %d processes on %d machine(s): %s", cfg.launcher.num_processes, cfg.launcher.num_machines, shlex.join(cmd))
+    code = subprocess.run(cmd).returncode
+    if not first_machine:  # machine 0 holds rank 0, which writes the records
+        if code != 0:
+            raise LaunchFailed(f"this machine's processes exited with code {code}; see {run_dir / 'run.log'}", code)
+        return {"status": "finished", "final": {}}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if code != 0 and metrics.get("status") == "finished":
+        log.warning("a process exited with code %d after the run finished", code)
+    elif code != 0:
+        if metrics.get("status") == "running":  # a rank died before rank 0 could record it
+            metrics.update(status="failed", error=f"a process exited with code {code}; see {run_dir / 'run.log'}")
+            write_json(run_dir / "metrics.json", metrics)
+        raise LaunchFailed(f"{cfg.launcher.num_processes} processes, exit code {code}: {metrics.get('error') or 'see run.log'}", code)
+    return metrics
+
+
+def setup_logging(run_dir: Path) -> None:
+    """A rank's log: the console and RUN_DIR/run.log, like Hydra's; warnings only below rank 0."""
+    formatter = logging.Formatter(LOG_FORMAT)
+    root = logging.getLogger()
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "run.log")):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    quiet_other_ranks()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank: ``python -m peftlab.launch RUN_DIR`` (started by :func:`relaunch`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not (Path(argv[0]) / "config.yaml").is_file():
+        print("usage: python -m peftlab.launch RUN_DIR   (RUN_DIR/config.yaml, written by python run.py launcher.num_processes=N)", file=sys.stderr)
+        return 2
+    run_dir = Path(argv[0])
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    setup_logging(run_dir)
+    quiet_libraries()
+    from peftlab.experiment import run
+
+    try:
+        add_run_figures(run(cfg))
+    except ConfigError as e:
+        if rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
