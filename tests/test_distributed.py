@@ -135,7 +135,7 @@ def test_slurm_environment_becomes_torch_distributed_environment(monkeypatch):
         for key, value in {**slurm, "SLURM_PROCID": procid, "SLURM_LOCALID": localid}.items():
             monkeypatch.setenv(key, value)
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            monkeypatch.delenv(key, raising=False)
+            monkeypatch.setenv(key, "unset")  # so that monkeypatch restores what env_from_submitit sets
         distributed.env_from_submitit()
         seen.append({k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
     assert seen[0]["RANK"] == "9" and seen[1]["RANK"] == "0"

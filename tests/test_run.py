@@ -83,6 +83,15 @@ def test_both_modes_are_timed_and_compared_on_one_model(tmp_path, tiny_data):
         assert final["agreement"] == sum(r["generated"] == r["prediction"] for r in exact) / len(exact)
 
 
+def test_score_and_generate_agree_on_a_trained_model(tmp_path, tiny_data):
+    """Where greedy decoding writes a label exactly, ranking the labels by likelihood picks the same one."""
+    cfg = make_cfg(tmp_path, "model=tiny_bart", "peft=none", "train.lr=1e-2", "eval.mode=both", "save_adapter=false",
+                   data_dir=tiny_data, epochs=60)
+    final = run(cfg)["final"]
+    assert final["generate_exact"] >= 0.9
+    assert final["agreement"] >= 0.99
+
+
 def test_generate_mode_maps_text_to_labels(tmp_path, tiny_data):
     cfg = make_cfg(tmp_path, "model=tiny_bart", "eval.mode=generate", "zero=stage3_cpu", data_dir=tiny_data)
     metrics = run(cfg)

@@ -10,6 +10,7 @@ label names, or -1 for an unlabeled row. What a model sees depends on the task t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
@@ -46,10 +47,16 @@ def resolve_data_dir(ds: DictConfig, data_root: str | None) -> Path | None:
 
 
 def _read_table(path: Path, fmt: str):
-    import pandas as pd
-
     if not path.is_file():
         raise ConfigError(f"{path}: file not found; check dataset.data_dir and dataset.files")
+    stat = path.stat()
+    return _read_table_cached(path.resolve(), fmt, stat.st_mtime_ns, stat.st_size).copy()
+
+
+@functools.lru_cache(maxsize=16)  # jobs of a sweep read the same files: once, unless they change
+def _read_table_cached(path: Path, fmt: str, mtime_ns: int, size: int):
+    import pandas as pd
+
     try:
         if fmt == "csv":
             return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")

@@ -2,14 +2,23 @@
 
 The loop is the guide's (``accelerator.backward``, optimizer and scheduler steps, clipping,
 accumulation), minus its per-step host syncs: losses stay on the device and step times are
-CUDA events until the end of each epoch.
+CUDA events until they are read, at each checkpoint and at the end of each epoch. That is also
+when a NaN/inf loss is noticed (``Diverged``): divergence is detected at checkpoint granularity.
+
+Resuming: the shuffle order of the training data depends only on (seed, epoch) (``EpochShuffle``),
+so a run restored from a checkpoint skips the batches of the epoch it had already seen and then
+sees exactly the batches the uninterrupted run saw. SIGTERM/SIGINT during training finish the
+current optimizer step, save a checkpoint and raise ``Interrupted`` (exit code 128 + signal).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
+import signal
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -27,56 +36,187 @@ class Diverged(RuntimeError):
         self.step = step
 
 
+class Interrupted(SystemExit):
+    """SIGTERM/SIGINT stopped the run; the exit code is 128 + the signal's number (143, 130)."""
+
+    def __init__(self, signum: int, step: int | None = None, checkpoint=None):
+        super().__init__(128 + signum)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+    def __str__(self) -> str:
+        where = f" at optimizer step {self.step}" if self.step is not None else ""
+        saved = f"; checkpoint {self.checkpoint}" if self.checkpoint else ""
+        return f"interrupted by {signal.Signals(self.signum).name}{where}{saved}"
+
+
+class StopSignals:
+    """While active, the first SIGTERM/SIGINT during training is a request (``requested``) that
+    the loop honours at the next optimizer step; outside training, or a second signal, stops at once."""
+
+    def __init__(self):
+        self.requested: int | None = None
+        self.training = False
+
+    def _handle(self, signum, frame):
+        if self.requested is not None or not self.training:
+            raise Interrupted(signum)
+        self.requested = signum
+
+    @contextlib.contextmanager
+    def active(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+STOP = StopSignals()
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """Row indices in an order that depends only on (seed, epoch): ``set_epoch`` before each epoch
+    (Accelerate's prepared loaders pass it on), so a resumed run can rebuild any epoch's order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def train_loader(feats, collate_fn, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    """The training loader: ``EpochShuffle`` order; its own generator, so iterating it never draws
+    from the global RNG (whose state a checkpoint restores)."""
+    return torch.utils.data.DataLoader(feats, batch_size=batch_size, sampler=EpochShuffle(len(feats), seed),
+                                       collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
+
+
 def train(accelerator, model, optimizer, scheduler, loader, epochs: int, *, max_grad_norm, adalora: bool,
-          on_epoch=None, profile_steps: int = 0, profile_to=None) -> dict:
+          on_epoch=None, profile_steps: int = 0, profile_to=None, checkpointer=None, start: dict | None = None) -> dict:
     """Train for ``epochs``; returns per-epoch figures, the loss curve and step statistics.
 
     With ``profile_steps`` > 0 the first that many batches of the second epoch run under the torch
     profiler and its table (top operators by device, then host, time) goes to ``profile_to``.
+    ``checkpointer`` (peftlab.checkpoint.Checkpointer) saves at its interval and on SIGTERM/SIGINT;
+    ``start`` is a checkpoint's trainer state to continue from (its model/optimizer states loaded).
     """
     history = {"epochs": [], "loss_curve": [], "step_s": []}
-    step = 0
-    bar = tqdm(total=epochs * len(loader), desc="train", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    for epoch in range(epochs):
-        model.train()
-        clock, losses, tokens, samples = StepClock(), [], 0, 0
-        profiler = _profiler(profile_steps) if epoch == min(1, epochs - 1) and profile_steps else None
-        clock.tick()
-        for i, batch in enumerate(loader):
-            if profiler is not None and i == profile_steps:
-                _write_profile(profiler, profile_to)
-                profiler = None
-            batch.pop("row")
-            tokens += batch.pop("num_tokens")
-            samples += len(batch["input_ids"])
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-                optimizer.step()
-                if adalora and accelerator.sync_gradients:
-                    accelerator.unwrap_model(model).base_model.update_and_allocate(step)
-                scheduler.step()
-                optimizer.zero_grad()
-            losses.append(loss.detach())
-            if accelerator.sync_gradients:
-                step += 1
-                clock.tick()
-                if step == 1:
-                    synchronize()
-                    history["first_step_at"] = time.time()
-            bar.update(1)
-        if profiler is not None:
-            _write_profile(profiler, profile_to)
-        history["epochs"].append(_epoch_figures(accelerator, epoch, step, losses, clock, tokens, samples, history))
-        bar.set_postfix(loss=f"{history['epochs'][-1]['loss']:.4f}")
-        if on_epoch is not None:
-            on_epoch(history)
+    step, first_epoch, skip = 0, 0, 0
+    if start is not None:
+        history = {k: v for k, v in start["history"].items()}
+        step, first_epoch, skip = start["step"], start["epoch"], start["batch"]
+    bar = tqdm(total=epochs * len(loader), initial=first_epoch * len(loader) + skip, desc="train",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    STOP.training = True
+    try:
+        for epoch in range(first_epoch, epochs):
+            step = _train_epoch(accelerator, model, optimizer, scheduler, loader, epoch, epochs, step, skip, history, bar,
+                                max_grad_norm=max_grad_norm, adalora=adalora, on_epoch=on_epoch, profile_steps=profile_steps,
+                                profile_to=profile_to, checkpointer=checkpointer, start=start if epoch == first_epoch else None)
+            skip = 0
+    finally:
+        STOP.training = False
     bar.close()
     steady = history["step_s"][len(history["step_s"]) // max(epochs, 1):] or history["step_s"]  # skip epoch 1 (warm-up)
     history["s_per_step"] = round(statistics.median(steady), 5) if steady else None
     return history
+
+
+def _train_epoch(accelerator, model, optimizer, scheduler, loader, epoch, epochs, step, skip, history, bar, *,
+                 max_grad_norm, adalora, on_epoch, profile_steps, profile_to, checkpointer, start) -> int:
+    """One epoch from batch ``skip`` on; returns the optimizer step reached."""
+    model.train()
+    clock, losses, tokens, samples = StepClock(), [], 0, 0
+    if start is not None and skip:  # the unfinished epoch's figures up to the checkpoint
+        losses = [torch.tensor(v, dtype=torch.float32, device=accelerator.device) for v in start["epoch_losses"]]
+        tokens, samples = start["tokens"], start["samples"]
+    loader.set_epoch(epoch)
+    batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+    profiler = _profiler(profile_steps) if epoch == min(1, epochs - 1) and profile_steps and not skip else None
+    clock.tick()
+    for i, batch in enumerate(batches, start=skip):
+        if profiler is not None and i == profile_steps:
+            _write_profile(profiler, profile_to)
+            profiler = None
+        batch.pop("row")
+        tokens += batch.pop("num_tokens")
+        samples += len(batch["input_ids"])
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            if adalora and accelerator.sync_gradients:
+                accelerator.unwrap_model(model).base_model.update_and_allocate(step)
+            scheduler.step()
+            optimizer.zero_grad()
+        losses.append(loss.detach())
+        bar.update(1)
+        if accelerator.sync_gradients:
+            step += 1
+            clock.tick()
+            if step == 1:
+                synchronize()
+                history["first_step_at"] = time.time()
+            if i + 1 < len(loader):  # mid-epoch; the epoch's last step is handled below
+                stop = _stop_requested(accelerator, checkpointer, step)
+                if checkpointer is not None and (stop or checkpointer.due(step)):
+                    values = _host_losses(accelerator, losses, step)
+                    checkpointer.save({"epoch": epoch, "batch": i + 1, "step": step, "epoch_losses": values,
+                                       "tokens": tokens, "samples": samples, "history": history})
+                if stop:
+                    raise Interrupted(STOP.requested, step, checkpointer and checkpointer.last)
+    if profiler is not None:
+        _write_profile(profiler, profile_to)
+    history["epochs"].append(_epoch_figures(accelerator, epoch, step, losses, clock, tokens, samples, history))
+    bar.set_postfix(loss=f"{history['epochs'][-1]['loss']:.4f}")
+    if on_epoch is not None:
+        on_epoch(history)
+    stop = _stop_requested(accelerator, checkpointer, step, epoch_end=True)
+    if checkpointer is not None and (stop or checkpointer.due(step, epoch + 1)):
+        checkpointer.save({"epoch": epoch + 1, "batch": 0, "step": step, "epoch_losses": [], "tokens": 0, "samples": 0,
+                           "history": history})
+    if stop:
+        raise Interrupted(STOP.requested, step, checkpointer and checkpointer.last)
+    return step
+
+
+def _stop_requested(accelerator, checkpointer, step: int, epoch_end: bool = False) -> bool:
+    """Whether a stop signal arrived. One process: a flag, read every step. Several: all ranks must
+    agree before a collective save, so they compare flags (one small all-reduce) only where a
+    checkpoint is due anyway or at the end of an epoch."""
+    if accelerator.num_processes == 1:
+        return STOP.requested is not None
+    if not epoch_end and (checkpointer is None or not checkpointer.due(step)):
+        return False
+    flag = torch.tensor([STOP.requested or 0], device=accelerator.device)
+    agreed = int(accelerator.reduce(flag, reduction="max").item())
+    if agreed and STOP.requested is None:
+        STOP.requested = agreed
+    return bool(agreed)
+
+
+def _host_losses(accelerator, losses, step: int) -> list[float]:
+    """The epoch's per-batch losses so far, on the host (one sync); Diverged if one is NaN/inf."""
+    values = torch.stack(losses).float().cpu().tolist()
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is not None:
+        accum = max(1, accelerator.gradient_accumulation_steps)
+        raise Diverged(step - (len(values) - 1 - bad) // accum, values[bad])
+    return values
 
 
 def _profiler(steps: int):

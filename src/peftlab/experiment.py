@@ -18,12 +18,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_linear_schedule_with_warmup
 
-from peftlab import data, distributed, engine, modeling
+from peftlab import checkpoint, data, distributed, engine, modeling
 from peftlab.config import ConfigError, peft_method, validate
 from peftlab.distributed import is_zero3, make_accelerator, reset_state, used_deepspeed_config
 from peftlab.memory import PhaseMeter
 from peftlab.metrics import classification_figures
-from peftlab.rundir import RunRecord, write_csv, write_json
+from peftlab.rundir import RunRecord, atomic_dir, write_csv, write_json
 
 log = logging.getLogger("peftlab")
 
@@ -36,30 +36,41 @@ _runs_in_process = 0
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train and evaluate as configured; returns the final metrics.json content."""
+    """Train and evaluate as configured; returns the final metrics.json content.
+
+    With ``resume=auto`` (the default) a run directory whose metrics.json says finished is left as
+    it is (its metrics are returned), and one with a checkpoint continues from the newest one.
+    """
     global _runs_in_process
     _runs_in_process += 1
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = RunRecord(run_dir, write=is_main_process())
     try:
-        validate(cfg)
-        splits = data.load_splits(cfg.dataset, cfg.paths.data_dir)
-        plan_name, plan = data.eval_plan(cfg, splits)
-        for train_rows, eval_rows in plan:
-            data.check_disjoint(train_rows, eval_rows)
+        action, resume_from = checkpoint.plan_resume(cfg, run_dir)
+    except ConfigError as e:
+        if checkpoint.previous_status(run_dir) is None:  # else keep the earlier run's record as it is
+            RunRecord(run_dir, write=is_main_process()).finish("failed", error=str(e))
+        raise
+    if action == "skip":
         if is_main_process():
-            OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        record.update(eval_split=plan_name, n_train=len(plan[0][0]), peft_method=peft_method(cfg))
-        validation = None
-        if cfg.eval.select_on == "validation" and plan_name != "kfold":  # choose settings without the test split
-            train = [r for r in splits["train"] if r["label"] >= 0]
-            validation = _fit_all(cfg, run_dir, splits, "kfold", data.kfold_plan(train, cfg.eval.folds, cfg.seed), record, prefix="val_")
-        result = _fit_all(cfg, run_dir, splits, plan_name, plan, record)
-        if validation is not None:
-            result["final"].update(val_accuracy=validation["final"]["accuracy"], val_macro_f1=validation["final"]["macro_f1"])
-            result["phases"]["validation"] = {"wall_s": round(sum(p["wall_s"] for p in validation["phases"].values()), 3),
-                                              "folds": cfg.eval.folds}
+            log.info("%s already holds a finished run (metrics.json): nothing to do; use another hydra.run.dir, "
+                     "or resume=never to run it again", run_dir)
+        return checkpoint.previous_status(run_dir)
+    record = RunRecord(run_dir, write=is_main_process())
+    if resume_from is not None:
+        record.update(resumed_from=str(resume_from[0].relative_to(run_dir)), resumed_at_step=resume_from[1]["step"])
+        if is_main_process():
+            log.info("resuming from %s (epoch %d, batch %d, optimizer step %d)", resume_from[0], resume_from[1]["epoch"],
+                     resume_from[1]["batch"], resume_from[1]["step"])
+    engine.STOP.requested = None
+    try:
+        with engine.STOP.active():
+            result = _run(cfg, run_dir, record, resume_from)
+    except engine.Interrupted as e:
+        record.finish("interrupted", error=str(e), interrupted_at_step=e.step)
+        if is_main_process():
+            log.warning("%s; continue with: python run.py <same overrides> resume=auto hydra.run.dir=%s", e, run_dir)
+        raise
     except engine.Diverged as e:
         record.finish("diverged", error=str(e), diverged_at_step=e.step)
         raise
@@ -76,8 +87,35 @@ def run(cfg: DictConfig) -> dict:
         reset_state()
     record.finish("finished", **result)
     if is_main_process():
+        checkpoint.clear(run_dir)  # only for resuming; the run's result is adapter/ and the records
         log.info(summary_line(record.data))
     return record.data
+
+
+def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, resume_from) -> dict:
+    validate(cfg)
+    splits = data.load_splits(cfg.dataset, cfg.paths.data_dir)
+    plan_name, plan = data.eval_plan(cfg, splits)
+    for train_rows, eval_rows in plan:
+        data.check_disjoint(train_rows, eval_rows)
+    if is_main_process():
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    record.update(eval_split=plan_name, n_train=len(plan[0][0]), peft_method=peft_method(cfg))
+    validation = None
+    single = len(plan) == 1 and not (cfg.eval.select_on == "validation" and plan_name != "kfold")
+    if resume_from is not None and not single:
+        log.warning("resume: this run trains several models (eval.split=kfold or eval.select_on=validation), "
+                    "which are not checkpointed; starting over")
+        resume_from = None
+    if cfg.eval.select_on == "validation" and plan_name != "kfold":  # choose settings without the test split
+        train = [r for r in splits["train"] if r["label"] >= 0]
+        validation = _fit_all(cfg, run_dir, splits, "kfold", data.kfold_plan(train, cfg.eval.folds, cfg.seed), record, prefix="val_")
+    result = _fit_all(cfg, run_dir, splits, plan_name, plan, record, checkpoints=single, resume_from=resume_from)
+    if validation is not None:
+        result["final"].update(val_accuracy=validation["final"]["accuracy"], val_macro_f1=validation["final"]["macro_f1"])
+        result["phases"]["validation"] = {"wall_s": round(sum(p["wall_s"] for p in validation["phases"].values()), 3),
+                                          "folds": cfg.eval.folds}
+    return result
 
 
 def one_line(error: BaseException) -> str:
@@ -85,7 +123,7 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:300] if text else ''}" if not isinstance(error, ConfigError) else text[0]
 
 
-def _fit_all(cfg, run_dir, splits, plan_name, plan, record, prefix: str = "") -> dict:
+def _fit_all(cfg, run_dir, splits, plan_name, plan, record, prefix: str = "", checkpoints: bool = False, resume_from=None) -> dict:
     """Train and evaluate once per (train, eval) pair of ``plan``; pooled figures over all of them.
 
     The main pass (``prefix=""``) saves the adapter and submission and logs to the tracker; the
@@ -100,6 +138,7 @@ def _fit_all(cfg, run_dir, splits, plan_name, plan, record, prefix: str = "") ->
         unlabeled = [r for r in splits.get("test", []) if r["label"] < 0] if last and final_model else []
         out = fit_and_evaluate(cfg, train_rows, eval_rows, meter, run_dir=run_dir,
                                save=last and final_model and cfg.save_adapter, track=last and not prefix, unlabeled=unlabeled,
+                               checkpoints=checkpoints, resume_from=resume_from,
                                on_epoch=lambda h, f=fold: record.update(epochs=h["epochs"], fold=f, phase=f"{prefix}train"))
         histories.append(out["history"])
         outs.append(out)
@@ -145,8 +184,11 @@ def _prediction_rows(rows, out, names, fold) -> list[list]:
 
 
 def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, *, run_dir: Path, save: bool,
-                     track: bool = False, unlabeled=(), on_epoch=None) -> dict:
-    """Build a fresh Accelerator and model, train on ``train_rows``, predict ``eval_rows`` (and ``unlabeled``)."""
+                     track: bool = False, unlabeled=(), on_epoch=None, checkpoints: bool = False, resume_from=None) -> dict:
+    """Build a fresh Accelerator and model, train on ``train_rows``, predict ``eval_rows`` (and ``unlabeled``).
+
+    ``checkpoints``: save at ``checkpoint.*``'s interval; ``resume_from``: (folder, trainer state) to continue from.
+    """
     names = data.label_names(cfg.dataset)
     task = cfg.model.task
     with meter.phase("setup"):
@@ -160,7 +202,7 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
         with accelerator.main_process_first():
             encode = lambda rows: data.encode(rows, tok, task, cfg.dataset.prompt, names, cfg.train.max_length)
             train_feats, eval_feats, extra_feats = encode(train_rows), encode(eval_rows), encode(list(unlabeled)) if unlabeled else []
-        train_dl = data.loader(train_feats, data.Collator(task, "train", tok.pad_token_id), cfg.train.batch_size, True, cfg.seed)
+        train_dl = engine.train_loader(train_feats, data.Collator(task, "train", tok.pad_token_id), cfg.train.batch_size, cfg.seed)
         modes = ["score", "generate"] if cfg.eval.mode == "both" else [cfg.eval.mode]
         eval_dls = {mode: data.loader(eval_feats, data.Collator(task, mode, tok.pad_token_id, targets), cfg.eval.batch_size, False, cfg.seed)
                     for mode in modes}
@@ -179,11 +221,17 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
             ds = used_deepspeed_config(accelerator)
             if ds is not None:
                 write_json(run_dir / "deepspeed.json", ds)
+        ck = cfg.get("checkpoint") or {}
+        checkpointer = checkpoint.Checkpointer(accelerator, run_dir, ck.get("every_steps", 0), ck.get("every_epochs", 0),
+                                               ck.get("keep_last", 1)) if checkpoints else None
+        if resume_from is not None:
+            checkpointer.load(resume_from[0])
     with meter.phase("train"):
         history = engine.train(accelerator, model, optimizer, scheduler, train_dl, cfg.train.epochs,
                                max_grad_norm=cfg.train.max_grad_norm, adalora=peft_method(cfg) == "adalora",
                                on_epoch=lambda h: (_log_epoch(accelerator, h), on_epoch and on_epoch(h)),
-                               profile_steps=cfg.train.profile_steps if track else 0, profile_to=run_dir / "profile.txt")
+                               profile_steps=cfg.train.profile_steps if track else 0, profile_to=run_dir / "profile.txt",
+                               checkpointer=checkpointer, start=resume_from[1] if resume_from else None)
     predict = lambda dl, mode: engine.predict(
         accelerator, model, dl, task, mode, len(names), tokenizer=tok, label_names=names,
         max_new_tokens=cfg.eval.max_new_tokens, synced_gpus=is_zero3(accelerator))
@@ -254,7 +302,8 @@ def save_trained(accelerator, model, run_dir: Path) -> None:
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         target = run_dir / ("adapter" if hasattr(unwrapped, "peft_config") else "model")
-        unwrapped.save_pretrained(target, state_dict=state, safe_serialization=True)
+        with atomic_dir(target) as tmp:  # a reader never sees half an adapter
+            unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     accelerator.wait_for_everyone()
 
 

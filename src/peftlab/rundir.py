@@ -7,11 +7,14 @@ diverged | oom | interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import io
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -34,6 +37,27 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: Path):
+    """Yields a temporary folder beside ``path``; when the block succeeds it replaces ``path``
+    (an earlier ``path`` is moved aside first and removed after), else it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old.{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(path: Path, data: dict) -> None:
     atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
@@ -46,6 +70,7 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+@functools.cache  # package metadata lookups cost ~0.1 s; a sweep asks once
 def versions() -> dict[str, str | None]:
     found = {}
     for name in PACKAGES:
@@ -79,7 +104,7 @@ class RunRecord:
         self.start = time.perf_counter()
         self.started_at = time.time()
         self.data: dict = {"status": "running", "error": None, "started": now(), "run_dir": str(run_dir),
-                           "versions": versions(), "device": device_info()}
+                           "versions": dict(versions()), "device": device_info()}
         self.save()
 
     def update(self, **fields) -> None:

@@ -1,0 +1,179 @@
+"""Checkpoints for resuming a run, and the decisions ``resume=auto`` makes about a run directory.
+
+A checkpoint is ``<run_dir>/checkpoints/step_N/``: Accelerate's ``save_state`` (model, optimizer,
+scheduler, RNG states; under DeepSpeed the engine's own checkpoint, ZeRO partitions and offloaded
+optimizer states included) plus ``trainer_state.json`` with the data position (epoch, batches of
+that epoch already seen, optimizer step), the losses of the unfinished epoch and the history so far.
+It is written into ``.step_N.tmp/`` and renamed, so ``step_N/`` is always complete; the last
+``checkpoint.keep_last`` are kept, and all are removed when the run finishes.
+
+Only JSON and YAML are read from a run directory, with safe loaders: nothing in it is instantiated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from peftlab.config import ConfigError
+from peftlab.rundir import write_json
+
+log = logging.getLogger("peftlab")
+STATE = "trainer_state.json"
+IGNORED_KEYS = ("resume", "checkpoint", "paths", "launcher")  # may change between a run and its resumption
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def latest(run_dir: Path) -> tuple[Path, dict] | None:
+    """(folder, trainer state) of the newest complete checkpoint, or None."""
+    found = []
+    for folder in checkpoints_dir(run_dir).glob("step_*"):
+        state = read_json(folder / STATE)
+        if state is not None:
+            found.append((state["step"], folder, state))
+    return max(found, key=lambda f: f[0])[1:] if found else None
+
+
+def clear(run_dir: Path) -> None:
+    shutil.rmtree(checkpoints_dir(run_dir), ignore_errors=True)
+
+
+def previous_status(run_dir: Path) -> dict | None:
+    """The run directory's metrics.json, if it has a readable one."""
+    return read_json(Path(run_dir) / "metrics.json")
+
+
+def config_differences(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """Keys whose value differs between ``cfg`` and the run directory's config.yaml (read with
+    yaml.safe_load: never instantiated); empty when they agree or there is no config.yaml."""
+    try:
+        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    now = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
+    saved = json.loads(json.dumps(saved or {}, default=str))
+    keys = sorted((set(now) | set(saved)) - {*IGNORED_KEYS, "hydra"})
+    return [d for k in keys for d in _diff(now.get(k), saved.get(k), k)]
+
+
+def _diff(a, b, key: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{key}.{k}")]
+    return [] if a == b else [key]
+
+
+def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str, tuple[Path, dict] | None]:
+    """What to do with this run directory: ('skip', None) for a finished run under resume=auto,
+    ('resume', (folder, state)) when it has a checkpoint, else ('fresh', None). Raises ConfigError
+    when a checkpoint belongs to a different config."""
+    mode = cfg.get("resume", "auto")
+    if mode not in ("auto", "never"):
+        raise ConfigError(f"resume={mode} must be auto or never")
+    if mode == "never":
+        clear(run_dir)
+        return "fresh", None
+    previous = previous_status(run_dir)
+    if previous is not None and previous.get("status") == "finished":
+        return "skip", None
+    found = latest(run_dir)
+    if found is None:
+        return "fresh", None
+    differs = config_differences(cfg, run_dir)
+    if differs:
+        raise ConfigError(f"{run_dir} holds a checkpoint of a run with other settings ({', '.join(differs[:5])}); "
+                          "use another hydra.run.dir, or resume=never to start this directory over")
+    return "resume", found
+
+
+class Checkpointer:
+    """Saves and restores the training state at the configured interval (every rank calls it)."""
+
+    def __init__(self, accelerator, run_dir: Path, every_steps: int = 0, every_epochs: int = 0, keep_last: int = 1):
+        self.accelerator = accelerator
+        self.dir = checkpoints_dir(run_dir)
+        self.every_steps, self.every_epochs, self.keep_last = every_steps or 0, every_epochs or 0, max(1, keep_last or 1)
+        self.last: Path | None = None
+
+    def due(self, step: int, epochs_done: int | None = None) -> bool:
+        """A checkpoint is due after optimizer step ``step`` (or at the end of epoch number ``epochs_done``)."""
+        by_step = self.every_steps > 0 and step % self.every_steps == 0
+        by_epoch = epochs_done is not None and self.every_epochs > 0 and epochs_done % self.every_epochs == 0
+        return by_step or by_epoch
+
+    def save(self, state: dict) -> Path:
+        acc = self.accelerator
+        final = self.dir / f"step_{state['step']}"
+        if final.is_dir() and (final / STATE).is_file():  # e.g. a signal right after a scheduled save
+            return final
+        tmp = self.dir / f".step_{state['step']}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # a collective under DeepSpeed: every rank writes its partitions
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            write_json(tmp / STATE, state)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            older = sorted((p for p in self.dir.glob("step_*") if p != final), key=lambda p: int(p.name[5:]))
+            for old in older[:max(0, len(older) - (self.keep_last - 1))]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        self.last = final
+        log.info("checkpoint %s (epoch %d, batch %d)", final, state["epoch"], state["batch"])
+        return final
+
+    def load(self, folder: Path) -> None:
+        """Model, optimizer, scheduler and RNG states from ``folder``; every torch.load with weights_only=True."""
+        with _deepspeed_weights_only(self.accelerator):
+            self.accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
+        self.last = folder
+
+
+@contextlib.contextmanager
+def _deepspeed_weights_only(accelerator):
+    """DeepSpeed's checkpoint engine calls ``torch.load(weights_only=False)``; load its files with
+    ``weights_only=True`` instead, allowing only the plain types its checkpoints hold."""
+    engines = [m for m in accelerator._models if hasattr(m, "checkpoint_engine") and m.checkpoint_engine is not None]
+    originals = [(e.checkpoint_engine, e.checkpoint_engine.load) for e in engines]
+
+    def safe_load(path, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    for engine, _ in originals:
+        engine.load = safe_load
+    try:
+        yield
+    finally:
+        for engine, load in originals:
+            engine.load = load
+
+
+def _deepspeed_safe_globals() -> list:
+    import argparse
+    import collections
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [collections.OrderedDict, argparse.Namespace, ZeroStageEnum, LossScaler, fragment_address, set]
