@@ -111,3 +111,34 @@ def test_command_line_exits_nonzero_with_one_line(tmp_path, tiny_data, args, fra
     if args == ["peft.r=0"]:
         assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [f"error: {result.stderr.split('error: ')[1].strip()}"]
         assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_unwritable_run_directory_is_one_line(tmp_path, tiny_data, no_model_loading):
+    (tmp_path / "a_file").write_text("not a folder")
+    cfg = make_cfg(tmp_path / "a_file" / "run", data_dir=tiny_data)
+    with pytest.raises(ConfigError, match="cannot write the run directory .* choose a writable hydra.run.dir"):
+        run(cfg)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, tiny_data, no_model_loading):
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_2").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_2" / "trainer_state.json").write_text('{"step": 2, "epoch": 0, "batch": 2}')
+    OmegaConf.save(make_cfg(run_dir, "peft.r=4", data_dir=tiny_data), run_dir / "config.yaml", resolve=True)
+    interrupted = '{"status": "interrupted", "error": "interrupted by SIGTERM"}'
+    (run_dir / "metrics.json").write_text(interrupted)
+    with pytest.raises(ConfigError, match=r"other settings \(peft.r\).*resume=never"):
+        run(make_cfg(run_dir, "peft.r=16", data_dir=tiny_data))
+    assert (run_dir / "metrics.json").read_text() == interrupted  # the interrupted run's record is kept
+
+
+@pytest.mark.slow
+def test_a_10_megabyte_tweet_is_truncated_not_fatal(tmp_path):
+    folder = write_raft(tmp_path / "data")
+    train = folder / "train.csv"
+    train.write_text(train.read_text() + '"' + "please fix my order " * 500_000 + '",999999,1\n')
+    assert train.stat().st_size > 10_000_000
+    metrics = run(make_cfg(tmp_path / "run", "model=tiny_bert", "logger=null", data_dir=folder, epochs=1))
+    assert metrics["status"] == "finished" and metrics["n_train"] == 17

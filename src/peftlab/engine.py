@@ -118,7 +118,7 @@ def train(accelerator, model, optimizer, scheduler, loader, epochs: int, *, max_
         history = {k: v for k, v in start["history"].items()}
         step, first_epoch, skip = start["step"], start["epoch"], start["batch"]
     bar = tqdm(total=epochs * len(loader), initial=first_epoch * len(loader) + skip, desc="train",
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
     STOP.training = True
     try:
         for epoch in range(first_epoch, epochs):
@@ -269,7 +269,7 @@ def predict(accelerator, model, loader, task: str, mode: str, num_labels: int, *
     """
     model.eval()
     rows, scores, texts = [], [], []
-    bar = tqdm(loader, desc=f"eval ({mode})", disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"eval ({mode})", disable=not accelerator.is_main_process, dynamic_ncols=True)
     for batch in bar:
         row = batch.pop("row")
         batch.pop("num_tokens")

@@ -16,6 +16,7 @@ import psutil
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from transformers import get_linear_schedule_with_warmup
 
 from peftlab import checkpoint, data, distributed, engine, modeling
@@ -44,7 +45,13 @@ def run(cfg: DictConfig) -> dict:
     global _runs_in_process
     _runs_in_process += 1
     run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(run_dir, os.W_OK):
+            raise PermissionError(f"Permission denied: '{run_dir}'")
+    except OSError as e:
+        raise ConfigError(f"cannot write the run directory {run_dir} ({e.strerror or e}); "
+                          "choose a writable hydra.run.dir (or hydra.sweep.dir)") from None
     try:
         action, resume_from = checkpoint.plan_resume(cfg, run_dir)
     except ConfigError as e:
@@ -93,13 +100,13 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, resume_from) -> dict:
+    if is_main_process():
+        save_resolved_config(cfg, run_dir)
     validate(cfg)
     splits = data.load_splits(cfg.dataset, cfg.paths.data_dir)
     plan_name, plan = data.eval_plan(cfg, splits)
     for train_rows, eval_rows in plan:
         data.check_disjoint(train_rows, eval_rows)
-    if is_main_process():
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     record.update(eval_split=plan_name, n_train=len(plan[0][0]), peft_method=peft_method(cfg))
     validation = None
     single = len(plan) == 1 and not (cfg.eval.select_on == "validation" and plan_name != "kfold")
@@ -116,6 +123,14 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, resume_from) -> dict
         result["phases"]["validation"] = {"wall_s": round(sum(p["wall_s"] for p in validation["phases"].values()), 3),
                                           "folds": cfg.eval.folds}
     return result
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
+    """config.yaml, resolved: also for a run that fails validation, so compare sees its real values."""
+    try:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    except OmegaConfBaseException:  # a mandatory value is missing: validate() names it next
+        pass
 
 
 def one_line(error: BaseException) -> str:
@@ -210,7 +225,8 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
         model = modeling.build_model(cfg, len(names), total)
         modeling.set_zero3_leaves(model, cfg)
         optimizer = instantiate(cfg.optimizer, modeling.trainable_parameters(model))
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total), total)
+        n = accelerator.num_processes  # Accelerate steps a non-DeepSpeed scheduler once per process per step
+        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total) * n, total * n)
         model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
         eval_dls = {mode: accelerator.prepare(dl) for mode, dl in eval_dls.items()}
         distributed.zero3_partitions(accelerator, model)  # each rank's share of the parameters -> metrics.json (a collective)

@@ -54,6 +54,8 @@ def build_model(cfg: DictConfig, num_labels: int, total_steps: int):
     extra = {"num_labels": num_labels} if m.task == "seq_cls" else {}
     source = m.pretrained or (random_weights(cfg, num_labels) if m.get("materialize", True) else None)
     if source:
+        if m.trust_remote_code:
+            log.warning("model.trust_remote_code=true: running the model code of %s", source)
         model = auto.from_pretrained(source, trust_remote_code=m.trust_remote_code, use_safetensors=True, **extra)
     else:  # straight from the config: under zero.Init the init differs from a plain one, so reloads can't rebuild it
         model = auto.from_config(instantiate(m.config, **extra))
