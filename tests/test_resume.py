@@ -102,3 +102,23 @@ def test_finished_run_is_not_redone(tmp_path, reference, tiny_data):
     assert (reference / "metrics.json").read_bytes() == before
     assert "already holds a finished run" in (reference.parent / "run.log").read_text()
     assert time.time() - started < 120
+
+
+def test_a_sweep_killed_midway_reruns_only_its_unfinished_jobs(tmp_path, tiny_data):
+    """Kill a two-job sweep while its second job trains; the same command again skips the first job
+    (its records untouched) and resumes the second from its checkpoint."""
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "run.py", "-m", *ARGS, "peft.r=4,8", f"dataset.data_dir={tiny_data}", f"hydra.sweep.dir={sweep}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    log = open(tmp_path / "sweep.log", "ab")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_checkpoint(sweep / "1", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert metrics(sweep / "0")["status"] == "finished" and metrics(sweep / "1")["status"] == "running"
+    first = (sweep / "0" / "metrics.json").read_bytes()
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (sweep / "0" / "metrics.json").read_bytes() == first  # not redone
+    assert metrics(sweep / "1")["status"] == "finished" and metrics(sweep / "1").get("resumed_at_step")
+    assert "already holds a finished run" in again.stderr + again.stdout

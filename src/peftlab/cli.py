@@ -42,6 +42,7 @@ def run_job(cfg: DictConfig) -> float | None:
 
     from peftlab import distributed, launch
 
+    distributed.forget_inherited_process_group_env()
     distributed.env_from_submitit()  # a task of a multi-task submitit/SLURM job is one rank
     distributed.quiet_other_ranks()
     quiet_libraries()

@@ -50,11 +50,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PG_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+PG_OWNER = "PEFTLAB_PG_OWNER"  # pid of the process that made itself a world of one
+
+
 def ensure_process_group_env() -> None:
     """A plain ``python run.py`` is a world of one; DeepSpeed still wants a process group."""
     if "WORLD_SIZE" in os.environ:
         return
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                      **{PG_OWNER: str(os.getpid())})
+
+
+def forget_inherited_process_group_env() -> None:
+    """A process that ran peftlab in-process (a notebook, pytest) made itself a world of one; a
+    ``python run.py`` it starts inherits those variables and must not join that world (its port is taken)."""
+    owner = os.environ.get(PG_OWNER)
+    if owner and owner != str(os.getpid()) and os.environ.get("WORLD_SIZE") == "1":
+        for name in (*PG_VARS, PG_OWNER):
+            os.environ.pop(name, None)
 
 
 def make_accelerator(cfg: DictConfig, project_dir: str, log_with: str | None = None) -> Accelerator:
