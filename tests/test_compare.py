@@ -263,3 +263,13 @@ def test_targets_in_run_directories_are_never_executed(tmp_path, capsys):
     assert code == 0
     assert sentinel.read_text() == "must survive"
     assert "2 runs, 2 finished" in stdout
+
+
+def test_choosing_on_validation_reports_the_chosen_runs_test_accuracy(tmp_path, capsys):
+    for i, (val, test) in enumerate([(0.70, 0.74), (0.80, 0.71), (0.60, 0.76)]):
+        metrics = _finished(test)
+        metrics["final"]["val_accuracy"] = val
+        make_run(tmp_path / str(i), None, metrics, [f"peft.r={4 * (i + 1)}"])
+    assert compare.main([str(tmp_path), "--metric", "val_accuracy", "--sort", "val_accuracy", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "best val_accuracy: 0.800 by 1 (r=8), whose accuracy is 0.710" in out  # chosen without peeking at test

@@ -436,7 +436,10 @@ def summary_line(table: pd.DataFrame, metric: str, keys: Sequence[str] = ()) -> 
         return text + f"; no finished run has {metric}"
     label = run_label(best, keys)
     where = best["run"] if label == best["run"] else f"{best['run']} ({label})"
-    return text + f"; best {metric}: {format_value(best[metric], metric)} by {where}"
+    text += f"; best {metric}: {format_value(best[metric], metric)} by {where}"
+    if metric != "accuracy" and pd.notna(best.get("accuracy")):  # chosen without the test split: report it now
+        text += f", whose accuracy is {format_value(best['accuracy'], 'accuracy')}"
+    return text
 
 
 def write_tables(table: pd.DataFrame, out_dir: Path) -> list[Path]:
