@@ -6,7 +6,6 @@ a config from ``compose``. Everything it writes goes under ``cfg.paths.output_di
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -270,10 +269,7 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
             save_trained(accelerator, model, run_dir)
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group the next training reuses
         tracker.finish()
-    accelerator.free_memory()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    accelerator.free_memory()  # also gc.collect() and empties the CUDA cache: GPU memory back to its baseline
     return result
 
 
