@@ -37,7 +37,7 @@ def run_job(cfg: DictConfig) -> float | None:
     line on a bad config and raises other errors; in a multirun a failed job is logged (its run
     directory records status and error) and the sweep goes on, except that one rank of several
     re-raises, so that its launcher ends the others. Returns the objective Hydra sweepers maximize: validation accuracy when
-    ``eval.select_on=validation``, else the evaluation accuracy (NaN for a failed job)."""
+    ``eval.select_on=validation``, else the evaluation accuracy (None for a failed job)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -64,14 +64,14 @@ def run_job(cfg: DictConfig) -> float | None:
     except (ConfigError, launch.LaunchFailed) as e:
         if multirun:
             log.error("job failed: %s", e)
-            return float("nan")
+            return None  # the sweeper's record of a failed job (Optuna marks the trial failed; NaN would crash it)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "returncode", 2))
     except Exception as e:
         if not multirun or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of several: exit, so the launcher ends the others
             raise
         log.exception("job failed: %s", e)
-        return float("nan")
+        return None
     final = metrics["final"]
     return final.get("val_accuracy") if cfg.eval.select_on == "validation" else final.get("accuracy")
 
