@@ -156,9 +156,8 @@ def _fit_all(cfg, run_dir, splits, plan_name, plan, record, prefix: str = "", ch
                                on_epoch=lambda h, f=fold: record.update(epochs=h["epochs"], fold=f, phase=f"{prefix}train"))
         histories.append(out["history"])
         outs.append(out)
-        for r, p in zip(eval_rows, out["eval"]["pred"]):
-            gold.append(r["label"])
-            pred.append(p)
+        gold.extend(r["label"] for r in eval_rows)
+        pred.extend(out["eval"]["pred"])
         rows_out.extend(_prediction_rows(eval_rows, out["eval"], names, fold))
         if unlabeled and is_main_process():
             write_csv(run_dir / "submission.csv", ["ID", "Label"],
@@ -172,14 +171,15 @@ def _fit_all(cfg, run_dir, splits, plan_name, plan, record, prefix: str = "", ch
     final.update({f"eval_s_{mode}": seconds for mode, seconds in last["eval_s"].items()})
     if cfg.eval.mode == "both":
         final.update(agreement(last["eval"], names))
-    train_phase = meter.phases.get("train", {})
-    steps = [s for h in histories for s in h["step_s"]]
-    train_phase.update(steps=len(steps), s_per_step=histories[-1]["s_per_step"],
-                       samples_per_s=_mean(e["samples_per_s"] for h in histories for e in h["epochs"][1:] or h["epochs"]),
-                       tokens_per_s=_mean(e["tokens_per_s"] for h in histories for e in h["epochs"][1:] or h["epochs"]))
+    steady = [e for h in histories for e in (h["epochs"][1:] or h["epochs"])]  # epoch 1 is warm-up
+    meter.phases.get("train", {}).update(
+        steps=sum(len(h["step_s"]) for h in histories), s_per_step=histories[-1]["s_per_step"],
+        samples_per_s=_mean(e["samples_per_s"] for e in steady), tokens_per_s=_mean(e["tokens_per_s"] for e in steady))
     first_step = histories[0].get("first_step_at")
     started = record.started_at if _runs_in_process > 1 else psutil.Process().create_time()  # the command's start, once
-    return {"final": final, "phases": meter.phases, "time_to_first_step_s": round(first_step - started, 2) if first_step else None, "epochs": histories[-1]["epochs"], "loss_curve": histories[-1]["loss_curve"],
+    return {"final": final, "phases": meter.phases,
+            "time_to_first_step_s": round(first_step - started, 2) if first_step else None,
+            "epochs": histories[-1]["epochs"], "loss_curve": histories[-1]["loss_curve"],
             **({"folds": [h["epochs"][-1] for h in histories]} if len(histories) > 1 else {})}
 
 
