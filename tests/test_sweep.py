@@ -88,3 +88,14 @@ def test_optuna_sweeper_maximizes_validation_accuracy(tmp_path, tiny_data):
     best = (tmp_path / "optimization_results.yaml").read_text()
     assert "best_params" in best and "train.lr" in best
     assert f"best_value: {max(j['final']['val_accuracy'] for j in jobs)}" in best
+
+
+def test_a_failed_optuna_trial_is_recorded_and_the_study_goes_on(tmp_path, tiny_data):
+    """r=0 is invalid: with this sampler seed one of six trials draws it and fails."""
+    result = run_py("-m", "experiment=optuna_lora", "model=tiny_bert", "peft.r=choice(0,4)", "hydra.sweeper.n_trials=6",
+                    "hydra.sweeper.sampler.seed=3", "eval.folds=2", "train.epochs=1", "logger=null",
+                    f"dataset.data_dir={tiny_data}", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 1, result.stderr[-2000:]  # the sweep reports its failure
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert summary["jobs"] == 6 and summary["statuses"].get("failed", 0) >= 1 and summary["finished"] >= 1
+    assert "best_value" in (tmp_path / "optimization_results.yaml").read_text()
