@@ -41,6 +41,8 @@ from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
+from peftlab.rundir import read_json
+
 # Variant name -> Hydra overrides on top of BASE_OVERRIDES (ZeRO settings live in conf/zero/*.yaml).
 VARIANTS: dict[str, list[str]] = {
     "none": ["zero=none"],
@@ -146,12 +148,6 @@ def last_error_line(log_path: Path) -> str | None:
             return line[:300]
     return lines[-1][:300] if lines else None
 
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def run_peftlab(variant: str, args: argparse.Namespace, out: Path) -> dict:

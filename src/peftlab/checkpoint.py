@@ -23,7 +23,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from peftlab.config import ConfigError
-from peftlab.rundir import write_json
+from peftlab.rundir import read_json, write_json
 
 log = logging.getLogger("peftlab")
 STATE = "trainer_state.json"
@@ -33,12 +33,6 @@ IGNORED_KEYS = ("resume", "checkpoint", "paths", "launcher")  # may change betwe
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def latest(run_dir: Path) -> tuple[Path, dict] | None:

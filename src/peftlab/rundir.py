@@ -58,6 +58,14 @@ def atomic_dir(path: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_json(path: Path) -> dict | None:
+    """A JSON record, or None where it is missing or unreadable (e.g. truncated by a kill)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def write_json(path: Path, data: dict) -> None:
     atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from peftlab.rundir import read_json
+
 log = logging.getLogger("peftlab")
 TOTAL_ENV = "PEFTLAB_SWEEP_TOTAL"
 
@@ -48,13 +50,8 @@ def job_banner(config: DictConfig) -> str:
 
 
 def read_jobs(sweep_dir: Path) -> list[dict]:
-    jobs = []
-    for metrics in sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name)):
-        try:
-            jobs.append(json.loads(metrics.read_text()))
-        except (OSError, json.JSONDecodeError):
-            jobs.append({"status": "corrupt", "run_dir": str(metrics.parent)})
-    return jobs
+    found = sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: (len(p.parent.name), p.parent.name))
+    return [read_json(p) or {"status": "corrupt", "run_dir": str(p.parent)} for p in found]
 
 
 def summarize(jobs: list[dict], wall_s: float) -> dict:
