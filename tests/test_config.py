@@ -69,3 +69,27 @@ def test_nvme_path_reaches_deepspeed(tmp_path):
     zero = deepspeed_config(cfg)["zero_optimization"]
     assert zero["offload_param"] == {"device": "nvme", "nvme_path": str(tmp_path)}
     assert zero["offload_optimizer"]["nvme_path"] == str(tmp_path)
+
+
+def test_a_sweep_composes_each_job_once():
+    """Hydra's sweeper checks each job's config, then the launcher composes it again: peftlab hands the
+    checked one over, unless a launcher already claimed it (then a fresh one is composed)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from peftlab.sweep import compose_each_job_once
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration("config", ["model=tiny_bert"], run_mode=RunMode.MULTIRUN)
+        compose_each_job_once(loader)
+        checked = loader.load_sweep_config(master, ["peft.r=4"])
+        launched = loader.load_sweep_config(master, ["peft.r=4"])
+        assert launched is checked and launched.peft.r == 4
+        with open_dict(launched):
+            launched.hydra.job.id = "0"  # what the launcher does with it
+        again = loader.load_sweep_config(master, ["peft.r=4"])
+        assert again is not launched and OmegaConf.is_missing(again.hydra.job, "id")
+        assert loader.load_sweep_config(master, ["peft.r=8"]).peft.r == 8

@@ -91,22 +91,21 @@ def _rows(frame, source: str, ds: DictConfig) -> list[dict]:
         if column not in frame.columns:
             raise ConfigError(f"{source}: no column '{column}' (dataset.{key}); columns are: {', '.join(map(str, frame.columns))}")
     id_column = ds.get("id_column")
-    names = {str(k): i for i, k in enumerate(ds.labels)}
+    by_value = {str(k): i for i, k in enumerate(ds.labels)}
+    by_name = {name: i for i, name in enumerate(label_names(ds))}
     unlabeled = None if ds.unlabeled is None else str(ds.unlabeled)
+    texts, raws = frame[ds.text_column].tolist(), frame[ds.label_column].tolist()  # columns once: .iloc per row costs ~25 us
+    ids = frame[id_column].tolist() if id_column and id_column in frame.columns else range(len(texts))
     rows = []
-    for i, (text, raw) in enumerate(zip(frame[ds.text_column], frame[ds.label_column])):
+    for i, (text, raw, row_id) in enumerate(zip(texts, raws, ids)):
         raw = str(raw).strip()
-        if raw in names:
-            label = names[raw]
-        elif raw in label_names(ds):
-            label = label_names(ds).index(raw)
-        elif raw == unlabeled:
+        label = by_value.get(raw, by_name.get(raw))
+        if label is None and raw == unlabeled:
             label = -1
-        else:
-            allowed = ", ".join(list(names) + ([unlabeled] if unlabeled is not None else []))
+        if label is None:
+            allowed = ", ".join(list(by_value) + ([unlabeled] if unlabeled is not None else []))
             raise ConfigError(f"{source}: row {i + 1} has label '{raw[:40]}', not one of dataset.labels ({allowed}); fix the file or dataset.labels")
-        row_id = str(frame[id_column].iloc[i]) if id_column and id_column in frame.columns else str(i)
-        rows.append({"id": row_id, "text": str(text), "label": label})
+        rows.append({"id": str(row_id), "text": str(text), "label": label})
     if not rows:
         raise ConfigError(f"{source}: the split is empty; give a file with rows")
     return rows

@@ -26,13 +26,16 @@ import torch
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "datasets", "hydra-core", "omegaconf", "peftlab")
 
 
-def atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str, durable: bool = True) -> None:
+    """``text`` into ``path`` through a temporary file and a rename: readers see the old or the new
+    content, never a part. ``durable`` also flushes it to disk first (survives a power cut)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
@@ -66,8 +69,8 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
-def write_json(path: Path, data: dict) -> None:
-    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
+def write_json(path: Path, data: dict, durable: bool = True) -> None:
+    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n", durable)
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -117,12 +120,12 @@ class RunRecord:
 
     def update(self, **fields) -> None:
         self.data.update(fields)
-        self.save()
+        self.save(durable=False)  # progress (per epoch): atomic, not worth an fsync each
 
     def finish(self, status: str, error: str | None = None, **fields) -> None:
         self.data.update(fields, status=status, error=error, ended=now(), wall_s=round(time.perf_counter() - self.start, 2))
         self.save()
 
-    def save(self) -> None:
+    def save(self, durable: bool = True) -> None:
         if self.write_enabled:
-            write_json(self.path, self.data)
+            write_json(self.path, self.data, durable)
