@@ -7,6 +7,7 @@ Mixed precision reaches DeepSpeed through Accelerate (``train.mixed_precision``)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -143,6 +144,14 @@ def quiet_other_ranks() -> None:
         for name in ("", "submitit"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
+
+def gathered(params, enabled: bool):
+    """Under ZeRO-3 (``enabled``), ``params`` whole on every rank inside the block (read-only; a collective)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def zero3_partitions(accelerator: Accelerator, model) -> dict | None:
