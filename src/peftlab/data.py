@@ -5,7 +5,7 @@ label names, or -1 for an unlabeled row. What a model sees depends on the task t
 
 * ``seq_cls``: the text; the target is the label index.
 * ``seq2seq``: the prompt (``dataset.prompt``) as encoder input; the target is the label name.
-* ``causal_lm``: prompt followed by the label name and EOS; loss on the label tokens only.
+* ``causal_lm``: prompt followed by the label name and EOS, left-padded; loss on the label tokens only.
 """
 
 from __future__ import annotations
@@ -241,6 +241,10 @@ class Collator:
         if self.purpose == "generate":
             batch.update(self._inputs([f["input_ids"] for f in feats], left=self.task == "causal_lm"))
             return batch
+        if self.purpose == "score" and self.task == "seq2seq":  # each row once: the model pairs it with every label
+            batch.update(self._inputs([f["input_ids"] for f in feats]))
+            batch["labels"] = _pad([t for _ in feats for t in self.targets], IGNORE)
+            return batch
         if self.purpose == "train":
             pairs = [(f["input_ids"], f["target"]) for f in feats]
         else:  # score: each row paired with each label, row-major: (row0,label0), (row0,label1), ...
@@ -248,10 +252,8 @@ class Collator:
         if self.task == "seq2seq":
             batch.update(self._inputs([p for p, _ in pairs]))
             batch["labels"] = _pad([t for _, t in pairs], IGNORE)
-        elif self.purpose == "train":
-            batch.update(self._inputs([p + t for p, t in pairs]))
-            batch["labels"] = _pad([[IGNORE] * len(p) + t for p, t in pairs], IGNORE)
-        else:  # causal scoring: left-padded so every label ends the row and only its logits are computed
+        else:  # causal: left-padded so every row ends with its label, and only the label positions' logits
+            # are computed, in training too (engine.causal_logits): not vocabulary x every position
             batch.update(self._inputs([p + t for p, t in pairs], left=True))
             batch["labels"] = _pad([t for _, t in pairs], IGNORE, left=True)
         return batch

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from peftlab.data import IGNORE
 from peftlab.memory import StepClock, synchronize
 
 
@@ -103,7 +104,7 @@ def train_loader(feats, collate_fn, batch_size: int, seed: int) -> torch.utils.d
                                        collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
 
 
-def train(accelerator, model, optimizer, scheduler, loader, epochs: int, *, max_grad_norm, adalora: bool,
+def train(accelerator, model, optimizer, scheduler, loader, epochs: int, *, task: str, max_grad_norm, adalora: bool,
           on_epoch=None, profile_steps: int = 0, profile_to=None, checkpointer=None, start: dict | None = None) -> dict:
     """Train for ``epochs``; returns per-epoch figures, the loss curve and step statistics.
 
@@ -123,7 +124,7 @@ def train(accelerator, model, optimizer, scheduler, loader, epochs: int, *, max_
     try:
         for epoch in range(first_epoch, epochs):
             step = _train_epoch(accelerator, model, optimizer, scheduler, loader, epoch, epochs, step, skip, history, bar,
-                                max_grad_norm=max_grad_norm, adalora=adalora, on_epoch=on_epoch, profile_steps=profile_steps,
+                                task=task, max_grad_norm=max_grad_norm, adalora=adalora, on_epoch=on_epoch, profile_steps=profile_steps,
                                 profile_to=profile_to, checkpointer=checkpointer, start=start if epoch == first_epoch else None)
             skip = 0
     finally:
@@ -134,7 +135,7 @@ def train(accelerator, model, optimizer, scheduler, loader, epochs: int, *, max_
     return history
 
 
-def _train_epoch(accelerator, model, optimizer, scheduler, loader, epoch, epochs, step, skip, history, bar, *,
+def _train_epoch(accelerator, model, optimizer, scheduler, loader, epoch, epochs, step, skip, history, bar, *, task,
                  max_grad_norm, adalora, on_epoch, profile_steps, profile_to, checkpointer, start) -> int:
     """One epoch from batch ``skip`` on; returns the optimizer step reached."""
     model.train()
@@ -154,7 +155,7 @@ def _train_epoch(accelerator, model, optimizer, scheduler, loader, epoch, epochs
         tokens += batch.pop("num_tokens")
         samples += len(batch["input_ids"])
         with accelerator.accumulate(model):
-            loss = model(**batch).loss
+            loss = training_loss(model, batch, task)
             accelerator.backward(loss)
             if accelerator.sync_gradients and max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -278,7 +279,7 @@ def predict(accelerator, model, loader, task: str, mode: str, num_labels: int, *
             rows.append(accelerator.gather_for_metrics(row))
             texts.extend(accelerator.gather_for_metrics(tokenizer.batch_decode(out, skip_special_tokens=True), use_gather_object=True))
             continue
-        s = _label_scores(model, batch, task, num_labels)
+        s = _label_scores(accelerator, model, batch, task, num_labels)
         rows.append(accelerator.gather_for_metrics(row))
         scores.append(accelerator.gather_for_metrics(s).float().cpu())
     row = torch.cat(rows).cpu().tolist()
@@ -289,21 +290,50 @@ def predict(accelerator, model, loader, task: str, mode: str, num_labels: int, *
     return {"row": row, "pred": table.argmax(-1).tolist(), "scores": table.tolist(), "text": None}
 
 
-def _label_scores(model, batch, task: str, num_labels: int) -> torch.Tensor:
+def _label_scores(accelerator, model, batch, task: str, num_labels: int) -> torch.Tensor:
     """[rows, labels] log-likelihood of each label (log-softmax of the logits for seq_cls)."""
     if task == "seq_cls":
         return torch.log_softmax(model(**batch).logits.float(), dim=-1)
-    if task == "seq2seq":  # the labels also give the decoder its inputs
-        labels = batch["labels"]
-        logits = model(**batch).logits[:, -labels.shape[1]:]
-    else:  # left-padded rows end with the label: keep only the logits that predict it
+    if task == "seq2seq":
         labels = batch.pop("labels")
-        width = labels.shape[1]
-        logits = model(**batch, logits_to_keep=width + 1).logits[:, -(width + 1):-1]
-    mask = labels != -100
+        logits = _seq2seq_label_logits(accelerator, model, batch, labels, num_labels)
+    else:
+        labels = batch.pop("labels")
+        logits = causal_logits(model, batch, labels.shape[1])
+    mask = labels != IGNORE
     picked = logits[mask].float().log_softmax(-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
     per_pair = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
     return per_pair.sum(-1).view(-1, num_labels)
+
+
+def _seq2seq_label_logits(accelerator, model, batch: dict, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Logits of each (row, label) pair's label tokens, [rows * labels, label tokens, vocab]. The encoder
+    runs once per row and its states are shared by the row's labels (the decoder's inputs come from
+    ``labels``); prompt-learning adapters add their virtual tokens in the PEFT model's own forward, so
+    for them each pair runs whole."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    per_pair = lambda t: t.repeat_interleave(num_labels, dim=0)
+    peft_model = accelerator.unwrap_model(model)
+    config = getattr(peft_model, "active_peft_config", None)
+    if config is not None and config.is_prompt_learning:
+        return model(input_ids=per_pair(ids), attention_mask=per_pair(mask), labels=labels).logits
+    states = peft_model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    return model(encoder_outputs=(per_pair(states),), attention_mask=per_pair(mask), labels=labels).logits
+
+
+def causal_logits(model, batch: dict, width: int) -> torch.Tensor:
+    """Logits that predict the last ``width`` tokens of left-padded rows (their labels), [rows, width, vocab]:
+    the model computes the output projection at those positions only, not at every position."""
+    return model(**batch, logits_to_keep=width + 1).logits[:, :-1]
+
+
+def training_loss(model, batch: dict, task: str) -> torch.Tensor:
+    """Mean cross-entropy over the label tokens (seq2seq, causal_lm) or rows (seq_cls)."""
+    if task != "causal_lm":
+        return model(**batch).loss
+    labels = batch.pop("labels")
+    logits = causal_logits(model, batch, labels.shape[1])
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
 
 def _generate(accelerator, model, batch, task, max_new_tokens, synced_gpus, pad_id) -> torch.Tensor:

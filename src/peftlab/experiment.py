@@ -242,7 +242,7 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
         if resume_from is not None:
             checkpointer.load(resume_from[0])
     with meter.phase("train"):
-        history = engine.train(accelerator, model, optimizer, scheduler, train_dl, cfg.train.epochs,
+        history = engine.train(accelerator, model, optimizer, scheduler, train_dl, cfg.train.epochs, task=task,
                                max_grad_norm=cfg.train.max_grad_norm, adalora=peft_method(cfg) == "adalora",
                                on_epoch=lambda h: (_log_epoch(accelerator, h), on_epoch and on_epoch(h)),
                                profile_steps=cfg.train.profile_steps if track else 0, profile_to=run_dir / "profile.txt",
