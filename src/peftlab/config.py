@@ -76,6 +76,14 @@ def _validate_train(cfg: DictConfig) -> None:
     _check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
     _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
     _positive_int(t.max_length, "train.max_length")
+    head = t.get("head_only_epochs", 0)
+    _check(isinstance(head, int) and not isinstance(head, bool) and 0 <= head < t.epochs,
+           f"train.head_only_epochs={head} must be a whole number from 0 to train.epochs-1 ({t.epochs - 1})")
+    if head:
+        _check(cfg.model.task == "seq_cls", f"train.head_only_epochs={head} needs a classification head (model.task=seq_cls); "
+               f"model={cfg.model.name} is {cfg.model.task}: use train.head_only_epochs=0")
+    for key in ("gradient_checkpointing", "compile", "tf32"):
+        _check(isinstance(t.get(key, False), bool), f"train.{key}={t.get(key)} must be true or false")
     if t.mixed_precision == "fp16":
         import torch
 

@@ -223,9 +223,12 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
         total = modeling.optimizer_steps(len(train_feats), cfg, accelerator.num_processes)
         model = modeling.build_model(cfg, len(names), total)
         modeling.set_zero3_leaves(model, cfg)
-        optimizer = instantiate(cfg.optimizer, modeling.trainable_parameters(model))
+        head_steps = total * cfg.train.get("head_only_epochs", 0) // cfg.train.epochs
+        optimizer = instantiate(cfg.optimizer, modeling.parameter_groups(model) if head_steps else modeling.trainable_parameters(model))
         n = accelerator.num_processes  # Accelerate steps a non-DeepSpeed scheduler once per process per step
-        scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total) * n, total * n)
+        warmup = int(cfg.train.warmup_ratio * total)
+        scheduler = (modeling.head_first_schedule(optimizer, warmup * n, total * n, head_steps * n) if head_steps
+                     else get_linear_schedule_with_warmup(optimizer, warmup * n, total * n))
         model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
         eval_dls = {mode: accelerator.prepare(dl) for mode, dl in eval_dls.items()}
         distributed.zero3_partitions(accelerator, model)  # each rank's share of the parameters -> metrics.json (a collective)

@@ -26,7 +26,7 @@ from transformers import (
     set_seed,
 )
 
-from peftlab.config import PEFT_TASK_TYPES, peft_method
+from peftlab.config import PEFT_TASK_TYPES, ConfigError, peft_method
 
 log = logging.getLogger(__name__)
 AUTO_CLASSES = {"seq_cls": AutoModelForSequenceClassification, "seq2seq": AutoModelForSeq2SeqLM, "causal_lm": AutoModelForCausalLM}
@@ -62,7 +62,38 @@ def build_model(cfg: DictConfig, num_labels: int, total_steps: int):
     tok = load_tokenizer(m)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    if m.task == "seq_cls" and m.get("pooling", "cls") == "mean":
+        use_mean_pooling(model, m.name)
+    if cfg.train.get("gradient_checkpointing"):  # non-reentrant: works with frozen inputs and ZeRO-3's hooks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return apply_peft(model, cfg, total_steps)
+
+
+class MeanPooler(torch.nn.Module):
+    """In place of a BERT pooler (dense + tanh on the first token): the mean of the token states,
+    padding left out, which is how sentence-transformers pools all-MiniLM-L6-v2. The encoder's
+    attention mask reaches it through a pre-hook (``use_mean_pooling``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        mask = (self.mask if self.mask is not None else states.new_ones(states.shape[:2])).unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def use_mean_pooling(model, name: str) -> None:
+    """``model.pooling=mean``: the classifier reads the masked mean of the token states."""
+    encoder = model.base_model
+    if not isinstance(getattr(encoder, "pooler", None), torch.nn.Module):
+        raise ConfigError(f"model.pooling=mean needs an encoder with a pooler (BERT family); model={name} has none: use model.pooling=cls")
+    pooler = encoder.pooler = MeanPooler()
+
+    def keep_mask(module, args, kwargs):
+        pooler.mask = kwargs["attention_mask"] if kwargs.get("attention_mask") is not None else (args[1] if len(args) > 1 else None)
+
+    encoder.register_forward_pre_hook(keep_mask, with_kwargs=True)
 
 
 def random_weights(cfg: DictConfig, num_labels: int) -> Path:
@@ -171,3 +202,34 @@ def load_trained(run_dir: str | Path, device: str = "cpu"):
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+HEAD_NAMES = ("classifier", "score")  # a sequence classifier's head (PEFT's modules_to_save for SEQ_CLS)
+
+
+def parameter_groups(model) -> list[dict]:
+    """Two optimizer groups, the classification head's trainable parameters first, then the rest."""
+    head, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if HEAD_NAMES[0] in name.split(".") or HEAD_NAMES[1] in name.split(".") else rest).append(p)
+    return [{"params": head}, {"params": rest}]
+
+
+def head_first_schedule(optimizer, warmup: int, total: int, head_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``train.head_only_epochs`` (linear probing, then fine-tuning): the head (group 0) follows the usual
+    linear warm-up and decay over all ``total`` steps; the adapter (group 1) stays at learning rate 0 for
+    the first ``head_steps``, then warms up and decays over the steps that remain."""
+
+    def linear(start: int):
+        span, ramp = max(1, total - start), max(1, warmup)
+
+        def factor(step: int) -> float:
+            if step < start:
+                return 0.0
+            step -= start
+            return step / ramp if step < warmup else max(0.0, (span - step) / max(1, span - warmup))
+
+        return factor
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [linear(0), linear(head_steps)])

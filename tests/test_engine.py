@@ -1,0 +1,95 @@
+"""The loop's arithmetic against plain transformers: scoring, the causal training loss, pooling, schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from peftlab import data, engine, modeling
+from peftlab.distributed import reset_state
+
+from .conftest import make_cfg
+
+
+def _setup(tmp_path, tiny_data, *overrides):
+    cfg = make_cfg(tmp_path, *overrides, data_dir=tiny_data)
+    names = data.label_names(cfg.dataset)
+    torch.manual_seed(0)
+    model = modeling.build_model(cfg, len(names), total_steps=10).eval()
+    for name, p in model.named_parameters():  # a non-trivial adapter: LoRA's B starts at zero
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    tok = modeling.load_tokenizer(cfg.model)
+    rows = data.load_splits(cfg.dataset, cfg.paths.data_dir)["test"][:11]
+    return cfg, names, model, tok, rows
+
+
+@pytest.mark.parametrize("peft", ["lora", "prompt_tuning"])
+def test_seq2seq_scores_equal_a_whole_forward_per_row_and_label(tmp_path, tiny_data, peft):
+    """Score mode runs the encoder once per row; each (row, label) pair run whole must give the same log-likelihood."""
+    cfg, names, model, tok, rows = _setup(tmp_path, tiny_data, "model=tiny_bart", f"peft={peft}")
+    feats = data.encode(rows, tok, "seq2seq", cfg.dataset.prompt, names, 128)
+    targets = data.class_targets(tok, "seq2seq", names)
+    reset_state()
+    loader = data.loader(feats, data.Collator("seq2seq", "score", tok.pad_token_id, targets), 4, False, 0)
+    got = torch.tensor(engine.predict(Accelerator(cpu=True), model, loader, "seq2seq", "score", len(names))["scores"])
+    reset_state()
+    want = []
+    with torch.no_grad():
+        for f in feats:
+            for t in targets:
+                labels = torch.tensor([t])
+                logits = model(input_ids=torch.tensor([f["input_ids"]]), labels=labels).logits
+                want.append(logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).sum().item())
+    assert torch.allclose(got, torch.tensor(want).view(-1, len(names)), atol=1e-4)
+
+
+def test_causal_training_loss_on_label_positions_equals_the_models_own_loss(tmp_path, tiny_data):
+    """Training computes logits at the label positions only (left-padded rows); the loss must equal the one
+    transformers computes from every position's logits with the prompt masked out (right-padded rows)."""
+    cfg, names, model, tok, rows = _setup(tmp_path, tiny_data, "model=tiny_gpt")
+    feats = data.encode(rows[:6], tok, "causal_lm", cfg.dataset.prompt, names, 128)
+    batch = data.Collator("causal_lm", "train", tok.pad_token_id)(feats)
+    batch.pop("row"), batch.pop("num_tokens")
+    with torch.no_grad():
+        got = engine.training_loss(model, dict(batch), "causal_lm")
+        seqs = [f["input_ids"] + f["target"] for f in feats]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        labels = torch.tensor([[-100] * len(f["input_ids"]) + f["target"] + [-100] * (width - len(s)) for f, s in zip(feats, seqs)])
+        want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_mean_pooling_averages_the_tokens_and_ignores_padding(tmp_path, tiny_data):
+    cfg, names, model, tok, rows = _setup(tmp_path, tiny_data, "model=tiny_bert", "model.pooling=mean")
+    texts = [rows[0]["text"], rows[1]["text"] + " and then some more words to pad the first row"]
+    both = tok(texts, padding=True, return_tensors="pt")
+    bert = model.base_model.model.bert
+    with torch.no_grad():
+        logits = model(**both).logits
+        alone = model(**tok(texts[:1], return_tensors="pt")).logits
+        states = bert(**both).last_hidden_state
+    m = both["attention_mask"].unsqueeze(-1).float()
+    head = model.base_model.model.classifier
+    assert type(bert.pooler).__name__ == "MeanPooler"
+    assert torch.allclose(logits, head((states * m).sum(1) / m.sum(1)), atol=1e-6)
+    assert torch.allclose(alone, logits[:1], atol=1e-5)
+
+
+def test_head_first_schedule_holds_the_adapter_until_the_head_has_trained(tmp_path):
+    cfg = make_cfg(tmp_path, "model=tiny_bert")
+    model = modeling.build_model(cfg, 2, total_steps=10)
+    head, rest = modeling.parameter_groups(model)
+    assert head["params"] and all(p.shape[0] == 2 for p in head["params"])  # the classifier's weight and bias
+    optimizer = torch.optim.SGD([head, rest], lr=1.0)
+    schedule = modeling.head_first_schedule(optimizer, warmup=0, total=10, head_steps=4)
+    lrs = []
+    for _ in range(10):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        schedule.step()
+    assert [a for _, a in lrs[:4]] == [0.0] * 4 and lrs[4][1] == 1.0 and lrs[5][1] < 1.0
+    assert lrs[0][0] == 1.0 and lrs[-1][0] == pytest.approx(0.1) and lrs[-1][1] == pytest.approx(1 / 6)
