@@ -69,13 +69,16 @@ def test_batches_for_every_purpose(tmp_path, tiny_data, model):
     targets = data.class_targets(tok, cfg.model.task, names) if cfg.model.task != "seq_cls" else None
     train = data.Collator(cfg.model.task, "train", tok.pad_token_id)(feats)
     assert train["input_ids"].shape == train["attention_mask"].shape and train["labels"].shape[0] == 4
-    if cfg.model.task == "causal_lm":  # loss only on the label tokens, which follow the prompt
+    if cfg.model.task == "causal_lm":  # loss only on the label tokens, which end the left-padded rows
         first = train["labels"][0]
         n_target = len(targets[rows[0]["label"]])
-        assert (first != -100).sum() == n_target
+        assert (first != -100).sum() == n_target and (first[-n_target:] != -100).all()
+        assert (train["attention_mask"][:, -1] == 1).all()
     if targets:
         score = data.Collator(cfg.model.task, "score", tok.pad_token_id, targets)(feats)
-        assert score["input_ids"].shape[0] == 4 * len(names)
+        assert score["labels"].shape[0] == 4 * len(names)  # every row with every label
+        # seq2seq: each row's input once (the encoder runs once per row); causal: each (row, label) pair
+        assert score["input_ids"].shape[0] == (4 if cfg.model.task == "seq2seq" else 4 * len(names))
         gen = data.Collator(cfg.model.task, "generate", tok.pad_token_id, targets)(feats)
         assert "labels" not in gen
         if cfg.model.task == "causal_lm":
