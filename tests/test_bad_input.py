@@ -60,7 +60,7 @@ BAD = [
     (["eval.mode=beam"], None, "eval.mode=beam must be score, generate or both"),
     (["train.head_only_epochs=30"], None, "train.head_only_epochs=30 must be a whole number from 0 to train.epochs-1"),
     (["model=tiny_bart", "train.head_only_epochs=1"], None, "train.head_only_epochs=1 needs a classification head"),
-    (["train.compile=yes"], None, "train.compile=yes must be true or false"),
+    (["train.tf32=yes"], None, "train.tf32=yes must be true or false"),
     (["train.gradient_checkpointing=1"], None, "train.gradient_checkpointing=1 must be true or false"),
     (["eval.split=train"], None, "eval.split=train must be test, validation or kfold"),
     (["train.lr=0"], None, "train.lr=0 must be a number > 0"),

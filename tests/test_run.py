@@ -121,7 +121,6 @@ def test_grad_accum_and_bf16_reach_the_engine(tmp_path, tiny_data):
 @pytest.mark.parametrize("model,options", [
     ("tiny_gpt", ["train.gradient_checkpointing=true"]),
     ("tiny_bert", ["model.pooling=mean", "train.head_only_epochs=1"]),  # two optimizer groups under DeepSpeed
-    ("tiny_bert", ["train.compile=true"]),  # each BertLayer compiled, ZeRO-3's hooks around it
 ])
 def test_memory_speed_and_head_options_train_under_zero3_offload(tmp_path, tiny_data, model, options):
     cfg = make_cfg(tmp_path, f"model={model}", "zero=stage3_cpu", "eval.batch_size=16", *options, data_dir=tiny_data)

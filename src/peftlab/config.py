@@ -82,7 +82,7 @@ def _validate_train(cfg: DictConfig) -> None:
     if head:
         _check(cfg.model.task == "seq_cls", f"train.head_only_epochs={head} needs a classification head (model.task=seq_cls); "
                f"model={cfg.model.name} is {cfg.model.task}: use train.head_only_epochs=0")
-    for key in ("gradient_checkpointing", "compile", "tf32"):
+    for key in ("gradient_checkpointing", "tf32"):
         _check(isinstance(t.get(key, False), bool), f"train.{key}={t.get(key)} must be true or false")
     if t.mixed_precision == "fp16":
         import torch

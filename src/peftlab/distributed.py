@@ -15,7 +15,7 @@ import socket
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DeepSpeedPlugin, TorchDynamoPlugin
+from accelerate.utils import DeepSpeedPlugin
 from omegaconf import DictConfig, OmegaConf
 
 _ZERO3_PARTITIONS: dict = {}  # the last training's, for add_run_figures
@@ -86,10 +86,8 @@ def make_accelerator(cfg: DictConfig, project_dir: str, log_with: str | None = N
     if not torch.cuda.is_available() and (ds is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         PartialState(backend="gloo")  # on the CPU, Accelerate must know the backend before it counts processes
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.train.get("tf32", False))
-    compile_layers = TorchDynamoPlugin(backend="inductor", use_regional_compilation=True) if cfg.train.get("compile") else None
     return Accelerator(
         deepspeed_plugin=plugin,
-        dynamo_plugin=compile_layers,
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=log_with,
