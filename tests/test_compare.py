@@ -273,3 +273,21 @@ def test_choosing_on_validation_reports_the_chosen_runs_test_accuracy(tmp_path, 
     assert compare.main([str(tmp_path), "--metric", "val_accuracy", "--sort", "val_accuracy", "--no-plots"]) == 0
     out = capsys.readouterr().out
     assert "best val_accuracy: 0.800 by 1 (r=8), whose accuracy is 0.710" in out  # chosen without peeking at test
+
+
+def test_mean_over_seeds_gives_one_row_per_setting(tmp_path, capsys):
+    """r=4 has seeds 1-3 finished; r=8 has two finished and a failed seed: it is averaged but not 'finished'."""
+    accuracies = {(4, 1): 0.70, (4, 2): 0.74, (4, 3): 0.72, (8, 1): 0.80, (8, 2): 0.76, (8, 3): None}
+    for n, ((r, seed), acc) in enumerate(accuracies.items()):
+        config = {**_config(tmp_path / str(n), r=r), "seed": seed}
+        metrics = _finished(acc) if acc is not None else {"status": "failed", "error": "boom"}
+        make_run(tmp_path / str(n), config, metrics, [f"peft.r={r}", f"seed={seed}"])
+    assert compare.main([str(tmp_path), "--mean-over", "seed", "--out", str(tmp_path / "report"), "--no-plots"]) == 0
+    rows = {int(r["peft.r"]): r for r in csv.DictReader(open(tmp_path / "report" / "compare.csv"))}
+    assert "seed" not in rows[4]
+    assert float(rows[4]["accuracy"]) == pytest.approx(0.72) and rows[4]["n"] == "3" and rows[4]["status"] == "finished"
+    assert float(rows[4]["accuracy_sd"]) == pytest.approx(0.02)
+    assert float(rows[8]["accuracy"]) == pytest.approx(0.78) and rows[8]["n"] == "2" and rows[8]["status"] == "2/3 finished"
+    assert "best accuracy: 0.720 by 0,1,2 (r=4)" in capsys.readouterr().out  # r=8 lost a seed: not a result
+    assert compare.main([str(tmp_path), "--mean-over", "zero.stage"]) == 2
+    assert "the runs do not differ in zero.stage" in capsys.readouterr().err

@@ -8,6 +8,7 @@ Usage::
     peftlab compare SWEEP --sort=-wall_s                   # a leading '-' sorts descending; --asc ascending
     peftlab compare SWEEP --status finished,failed         # keep only these statuses
     peftlab compare SWEEP --metric val_accuracy            # metric of the plots and of "best run"
+    peftlab compare SWEEP --mean-over seed                 # one row per setting: means over its seeds
     peftlab compare SWEEP --out reports/r_x_alpha          # also compare.csv, compare.md and the plots there
     peftlab compare SWEEP --no-plots
 
@@ -340,6 +341,27 @@ def runs_table(runs: Sequence[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def mean_over(table: pd.DataFrame, keys: Sequence[str], metric: str) -> pd.DataFrame:
+    """One row per setting of the other config columns, the metrics averaged over its finished runs
+    (e.g. ``keys=["seed"]``: the mean over seeds); ``n`` counts them and ``<metric>_sd`` is their
+    standard deviation. A setting is 'finished' only when all of its runs are."""
+    group_cols = [c for c in config_columns(table) if c not in keys]
+    groups: dict[tuple, list[int]] = {}
+    columns = {c: list(table[c]) for c in group_cols}
+    for i in range(len(table)):
+        groups.setdefault(tuple(repr(columns[c][i]) for c in group_cols), []).append(i)
+    rows = []
+    for members in groups.values():
+        group = table.iloc[members]
+        done = group[group["status"] == "finished"]
+        row = {"run": ",".join(map(str, group["run"])), **{c: group[c].iloc[0] for c in group_cols}}
+        row.update({m: done[m].mean() if len(done) else math.nan for m in METRIC_COLUMNS})
+        row.update({"n": len(done), f"{metric}_sd": done[metric].std() if len(done) > 1 else math.nan})
+        row["status"] = "finished" if len(done) == len(group) else f"{len(done)}/{len(group)} finished"
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["run", *group_cols, *METRIC_COLUMNS, "n", f"{metric}_sd", "status"])
+
+
 def filter_status(table: pd.DataFrame, statuses: Iterable[str]) -> pd.DataFrame:
     wanted = {s.strip() for s in statuses if s.strip()}
     return table[table["status"].isin(wanted)]
@@ -670,9 +692,9 @@ def plot_loss_curves(
 
 
 def make_plots(
-    table: pd.DataFrame, runs: Sequence[dict], keys: Sequence[str], metric: str, out_dir: Path
+    table: pd.DataFrame, runs: Sequence[dict], keys: Sequence[str], metric: str, out_dir: Path, loss_curves: bool = True
 ) -> list[Path]:
-    """Heatmap (two numeric keys) or line/bar chart (one key), plus loss curves."""
+    """Heatmap (two numeric keys) or line/bar chart (one key), plus loss curves (a row per run only)."""
     written = []
     numeric = [k for k in keys if is_numeric_column(table[k])]
     if len(keys) == 2 and len(numeric) == 2:
@@ -680,7 +702,7 @@ def make_plots(
     elif len(keys) == 1 and table[keys[0]].notna().any():
         plot = plot_line if numeric else plot_bars
         written.append(plot(table, keys[0], metric, out_dir / f"{metric}_by_{_safe_name(keys[0])}.png"))
-    curves = plot_loss_curves(table, runs, keys, out_dir / "loss_curves.png")
+    curves = plot_loss_curves(table, runs, keys, out_dir / "loss_curves.png") if loss_curves else None
     return written + ([curves] if curves else [])
 
 
@@ -710,6 +732,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out", metavar="DIR", type=Path, help="write compare.csv, compare.md and the plots into DIR"
+    )
+    parser.add_argument(
+        "--mean-over",
+        metavar="KEYS",
+        help="average the runs that differ only in these config keys, e.g. seed: one row per setting, "
+        "with n and the spread of --metric",
     )
     parser.add_argument("--no-plots", action="store_true", help="do not draw plots")
     return parser
@@ -743,6 +771,13 @@ def main(argv: list[str] | None = None) -> int:
     keys = sweep_keys(runs, table)
     if args.status:
         table = filter_status(table, args.status.split(","))
+    if args.mean_over:
+        over = [k.strip() for k in args.mean_over.split(",") if k.strip()]
+        missing = [k for k in over if k not in config_columns(table)]
+        if missing:
+            return _fail(f"--mean-over: the runs do not differ in {', '.join(missing)}; "
+                         f"config columns: {', '.join(config_columns(table)) or 'none'}")
+        table, keys = mean_over(table, over, args.metric), [k for k in keys if k not in over]
     if args.sort:
         try:
             table = sort_table(table, args.sort, ascending=True if args.asc else None)
@@ -755,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             written += write_tables(table, args.out)
         if not args.no_plots and len(table):
-            written += make_plots(table, runs, keys, args.metric, args.out or default_plot_dir(args.paths))
+            written += make_plots(table, runs, keys, args.metric, args.out or default_plot_dir(args.paths),
+                                  loss_curves=not args.mean_over)
     except OSError as exc:
         return _fail(f"could not write output: {exc}", code=1)
     for path in written:
