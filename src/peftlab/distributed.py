@@ -85,7 +85,7 @@ def make_accelerator(cfg: DictConfig, project_dir: str, log_with: str | None = N
                                  zero3_save_16bit_model=cfg.zero.stage == 3)
     if not torch.cuda.is_available() and (ds is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         PartialState(backend="gloo")  # on the CPU, Accelerate must know the backend before it counts processes
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.train.get("tf32", False))
+    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.get("tf32", False))  # per run: a sweep's jobs may differ
     return Accelerator(
         deepspeed_plugin=plugin,
         mixed_precision=cfg.train.mixed_precision,

@@ -294,12 +294,9 @@ def _label_scores(accelerator, model, batch, task: str, num_labels: int) -> torc
     """[rows, labels] log-likelihood of each label (log-softmax of the logits for seq_cls)."""
     if task == "seq_cls":
         return torch.log_softmax(model(**batch).logits.float(), dim=-1)
-    if task == "seq2seq":
-        labels = batch.pop("labels")
-        logits = _seq2seq_label_logits(accelerator, model, batch, labels, num_labels)
-    else:
-        labels = batch.pop("labels")
-        logits = causal_logits(model, batch, labels.shape[1])
+    labels = batch.pop("labels")
+    logits = (_seq2seq_label_logits(accelerator, model, batch, labels, num_labels) if task == "seq2seq"
+              else causal_logits(model, batch, labels.shape[1]))
     mask = labels != IGNORE
     picked = logits[mask].float().log_softmax(-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
     per_pair = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)

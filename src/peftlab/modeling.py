@@ -212,7 +212,7 @@ def parameter_groups(model) -> list[dict]:
     head, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (head if HEAD_NAMES[0] in name.split(".") or HEAD_NAMES[1] in name.split(".") else rest).append(p)
+            (head if any(part in HEAD_NAMES for part in name.split(".")) else rest).append(p)
     return [{"params": head}, {"params": rest}]
 
 
