@@ -145,6 +145,14 @@ def test_unresolved_hydra_config_is_shown_verbatim(tmp_path):
     assert list(table["train.lr"]) == ["${optimizer.lr}", 0.1]
 
 
+def test_a_key_that_echoes_a_swept_one_shows_once(tmp_path):
+    """A resolved config repeats train.lr as optimizer.lr; a key with the same values but another name stays."""
+    for i, lr in enumerate((0.1, 0.2)):
+        make_run(tmp_path / str(i), {"train": {"lr": lr, "epochs": 3 + i}, "optimizer": {"lr": lr, "eps": 3 + i}}, _finished(0.6))
+    table = compare.runs_table([compare.load_run(p) for p in compare.find_runs([tmp_path])])
+    assert compare.config_columns(table) == ["train.lr", "train.epochs", "optimizer.eps"]
+
+
 def test_swapped_group_shows_target_and_differing_keys(tmp_path):
     make_run(
         tmp_path / "0",

@@ -249,10 +249,23 @@ def is_noise_key(key: str) -> bool:
 
 
 def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
-    """Non-noise keys whose value (or presence) differs between the runs that have a config."""
+    """Non-noise keys whose value (or presence) differs between the runs that have a config.
+
+    A key that only echoes an earlier one (same last name, same value in every run: ``optimizer.lr``
+    interpolated from ``train.lr`` in a resolved config) is left out, so a swept value shows once.
+    """
     present = [c for c in configs if c]
     keys = dict.fromkeys(k for c in present for k in c if not is_noise_key(k))
-    return [k for k in keys if len({repr(c.get(k, _ABSENT)) for c in present}) > 1]
+    kept: dict[str, tuple] = {}
+    for key in keys:
+        values = tuple(repr(c.get(key, _ABSENT)) for c in present)
+        if len(set(values)) < 2:
+            continue
+        leaf = key.rsplit(".", 1)[-1]
+        if any(k.rsplit(".", 1)[-1] == leaf and v == values for k, v in kept.items()):
+            continue
+        kept[key] = values
+    return list(kept)
 
 
 def _column_name(key: str) -> str:

@@ -252,7 +252,8 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
                                checkpointer=checkpointer, start=resume_from[1] if resume_from else None)
     predict = lambda dl, mode: engine.predict(
         accelerator, model, dl, task, mode, len(names), tokenizer=tok, label_names=names,
-        max_new_tokens=cfg.eval.max_new_tokens, synced_gpus=is_zero3(accelerator))
+        max_new_tokens=cfg.eval.max_new_tokens,
+        synced_gpus=is_zero3(accelerator) and accelerator.num_processes > 1)  # ranks keep stepping together; one needs no sync
     with meter.phase("eval"):
         result = {"history": history, "trainable_params": trainable, "eval_s": {}}
         for mode, dl in eval_dls.items():
