@@ -102,6 +102,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, resume_from) -> dict
     if is_main_process():
         save_resolved_config(cfg, run_dir)
     validate(cfg)
+    modeling.check_pooling(cfg.model)
     splits = data.load_splits(cfg.dataset, cfg.paths.data_dir)
     plan_name, plan = data.eval_plan(cfg, splits)
     for train_rows, eval_rows in plan:

@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
@@ -63,7 +64,7 @@ def build_model(cfg: DictConfig, num_labels: int, total_steps: int):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     if m.task == "seq_cls" and m.get("pooling", "cls") == "mean":
-        use_mean_pooling(model, m.name)
+        use_mean_pooling(model)
     if cfg.train.get("gradient_checkpointing"):  # non-reentrant: works with frozen inputs and ZeRO-3's hooks
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return apply_peft(model, cfg, total_steps)
@@ -83,11 +84,23 @@ class MeanPooler(torch.nn.Module):
         return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def use_mean_pooling(model, name: str) -> None:
+def check_pooling(m: DictConfig) -> None:
+    """Before any weights load: ``model.pooling=mean`` replaces the encoder's pooler, so the
+    architecture must have one. Checked on a weightless (meta-device) build of the model."""
+    if m.task != "seq_cls" or m.get("pooling", "cls") != "mean":
+        return
+    config = (AutoConfig.from_pretrained(m.pretrained, trust_remote_code=m.trust_remote_code) if m.pretrained
+              else instantiate(m.config))
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(config, trust_remote_code=m.trust_remote_code)
+    if not isinstance(getattr(skeleton.base_model, "pooler", None), torch.nn.Module):
+        raise ConfigError(f"model.pooling=mean needs an encoder with a pooler (BERT family); model={m.name} "
+                          f"({type(skeleton).__name__}) has none: use model.pooling=cls")
+
+
+def use_mean_pooling(model) -> None:
     """``model.pooling=mean``: the classifier reads the masked mean of the token states."""
     encoder = model.base_model
-    if not isinstance(getattr(encoder, "pooler", None), torch.nn.Module):
-        raise ConfigError(f"model.pooling=mean needs an encoder with a pooler (BERT family); model={name} has none: use model.pooling=cls")
     pooler = encoder.pooler = MeanPooler()
 
     def keep_mask(module, args, kwargs):
