@@ -50,9 +50,13 @@ def _finished(accuracy: float, steps: int = 10) -> dict:
     }
 
 
-def make_run(job: Path, config: dict | None, metrics, overrides: list[str] | None = None) -> Path:
-    """metrics: dict -> metrics.json, str -> written verbatim, None -> no metrics.json."""
+def make_run(job: Path, config: dict | None, metrics, overrides: list[str] | None = None, choices: dict | None = None) -> Path:
+    """metrics: dict -> metrics.json, str -> written verbatim, None -> no metrics.json;
+    choices: config group -> option, as Hydra records them in .hydra/hydra.yaml."""
     (job / ".hydra").mkdir(parents=True, exist_ok=True)
+    if choices is not None:
+        hydra_choices = {**choices, "hydra/launcher": "basic", "hydra/sweeper": "basic"}
+        (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": hydra_choices}}}))
     if config is not None:
         (job / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -167,9 +171,27 @@ def test_swapped_group_shows_target_and_differing_keys(tmp_path):
         ["peft=ia3"],
     )
     runs = [compare.load_run(p) for p in compare.find_runs([tmp_path])]
-    table = compare.runs_table(runs)
+    table = compare.runs_table(runs)  # no .hydra/hydra.yaml: the group's _target_ stands for the choice
     assert compare.config_columns(table) == ["peft._target_", "peft.r", "peft.feedforward_modules"]
     assert compare.sweep_keys(runs, table) == ["peft._target_"]
+
+
+def test_swapped_group_shows_the_choice_not_the_keys_it_settles(tmp_path):
+    """peft=lora,ia3 x peft.r=4,8 (r only for lora): the table shows peft (the option's name) and
+    the lora runs' r; each method's fixed settings (target, modules, dropout) are left out."""
+    jobs = [("lora", {"_target_": "peft.LoraConfig", "r": 4, "lora_dropout": 0.1, "target_modules": ["q", "v"]}),
+            ("lora", {"_target_": "peft.LoraConfig", "r": 8, "lora_dropout": 0.1, "target_modules": ["q", "v"]}),
+            ("ia3", {"_target_": "peft.IA3Config", "target_modules": ["k", "v", "o"], "feedforward_modules": ["o"]})]
+    for i, (choice, peft) in enumerate(jobs):
+        make_run(tmp_path / str(i), {"seed": 1, "model": {"name": "minilm"}, "peft": peft}, _finished(0.6 + i / 10),
+                 [f"peft={choice}"] + ([f"peft.r={peft['r']}"] if "r" in peft else []),
+                 choices={"model": "minilm", "peft": choice, "zero": "none"})
+    runs = [compare.load_run(p) for p in compare.find_runs([tmp_path])]
+    table = compare.runs_table(runs)
+    assert compare.config_columns(table) == ["peft", "peft.r"]
+    assert list(table["peft"]) == ["lora", "lora", "ia3"]
+    assert compare.sweep_keys(runs, table) == ["peft", "peft.r"]
+    assert compare.summary_line(table, "accuracy", ["peft", "peft.r"]).endswith("best accuracy: 0.800 by 2 (peft=ia3)")
 
 
 def test_sort_table_directions(sweep):

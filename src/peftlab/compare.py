@@ -15,7 +15,7 @@ Usage::
 Every directory below the given paths that holds ``metrics.json`` or ``.hydra/`` is a run
 (found recursively, sorted numeric-aware: ``2`` before ``10``). The table has one row per run:
 its path relative to the runs' common parent, the config keys whose values differ between the
-runs (dotted, e.g. ``peft.r``), then the results -- blank unless the run finished -- and its status
+runs (dotted, e.g. ``peft.r``; a swept config group as its option, ``peft``: lora or ia3), then the results -- blank unless the run finished -- and its status
 (``missing``: no metrics.json, ``corrupt``: unreadable metrics.json).
 
 Plots (PNG; into ``--out``, else the sweep directory when one sweep is given, else ``./compare``):
@@ -183,11 +183,19 @@ def load_config(run_dir: Path) -> dict:
     return {}
 
 
+def load_choices(run_dir: Path) -> dict[str, str]:
+    """The option chosen in each config group (``peft: lora``), from Hydra's record of the run
+    (.hydra/hydra.yaml); Hydra's own groups (``hydra/...``) and nested groups left out."""
+    hydra = read_yaml(run_dir / ".hydra" / "hydra.yaml")
+    choices = _dict(_dict(_dict(hydra).get("hydra")).get("runtime")).get("choices")
+    return {str(k): v for k, v in _dict(choices).items() if "/" not in str(k) and not str(k).startswith("hydra")}
+
+
 def load_run(path: str | os.PathLike) -> dict:
     """Everything compare needs from one run directory, read without executing anything.
 
-    Keys: path, config (nested dict), overrides (list of str), metrics (dict or None),
-    status (str), error (str or None).
+    Keys: path, config (nested dict), choices (config group -> option), overrides (list of str),
+    metrics (dict or None), status (str), error (str or None).
     """
     path = Path(path)
     overrides = read_yaml(path / ".hydra" / "overrides.yaml")
@@ -196,6 +204,7 @@ def load_run(path: str | os.PathLike) -> dict:
     return {
         "path": path,
         "config": load_config(path),
+        "choices": load_choices(path),
         "overrides": [str(o) for o in overrides] if isinstance(overrides, list) else [],
         "metrics": metrics,
         "status": status,
@@ -239,8 +248,18 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
 
 
 def config_values(run: dict) -> dict[str, Any]:
-    """Flattened config of a run; its overrides when no config file could be read."""
-    return flatten(run["config"]) if run["config"] else parse_overrides(run["overrides"])
+    """Flattened config of a run, each config group's chosen option (``peft: lora``) just before
+    the group's keys; its overrides when no config file could be read."""
+    if not run["config"]:
+        return parse_overrides(run["overrides"])
+    flat, choices = flatten(run["config"]), run.get("choices", {})
+    values: dict[str, Any] = {}
+    for key, value in flat.items():
+        group = key.split(".", 1)[0]
+        if group in choices and group not in values and group not in flat:
+            values[group] = choices[group]
+        values[key] = value
+    return values
 
 
 def is_noise_key(key: str) -> bool:
@@ -253,6 +272,9 @@ def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
 
     A key that only echoes an earlier one (same last name, same value in every run: ``optimizer.lr``
     interpolated from ``train.lr`` in a resolved config) is left out, so a swept value shows once.
+    So is a key that a differing parent key settles: with ``peft`` swept over lora and ia3, each
+    method's own settings (``peft.r``, ``peft.target_modules``, ...) take one value per method and
+    are left out; ``peft.r`` swept within lora stays.
     """
     present = [c for c in configs if c]
     keys = dict.fromkeys(k for c in present for k in c if not is_noise_key(k))
@@ -264,8 +286,16 @@ def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
         leaf = key.rsplit(".", 1)[-1]
         if any(k.rsplit(".", 1)[-1] == leaf and v == values for k, v in kept.items()):
             continue
+        if any(key.startswith(k + ".") and _settled_by(v, values) for k, v in kept.items()):
+            continue
         kept[key] = values
     return list(kept)
+
+
+def _settled_by(parent: tuple, child: tuple) -> bool:
+    """Whether the child key takes a single value for each value of the parent key."""
+    seen: dict[str, str] = {}
+    return all(seen.setdefault(p, c) == c for p, c in zip(parent, child, strict=True))
 
 
 def _column_name(key: str) -> str:
