@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -277,6 +279,15 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert code == 2 and "no run directories under" in stderr
     make_run(tmp_path / "r", {"a": 1}, _finished(0.5))
     assert run_cli(capsys, tmp_path / "r", "--sort", "nope", "--no-plots")[0] == 2
+
+
+def test_a_reader_that_leaves_early_ends_compare_quietly(sweep):
+    """`peftlab compare DIR | head -1`: the pipe closes before compare prints; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "peftlab.cli", "compare", str(sweep), "--no-plots"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the first write: every write fails
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and stderr == ""
 
 
 def test_targets_in_run_directories_are_never_executed(tmp_path, capsys):
