@@ -15,8 +15,9 @@ Usage::
 Every directory below the given paths that holds ``metrics.json`` or ``.hydra/`` is a run
 (found recursively, sorted numeric-aware: ``2`` before ``10``). The table has one row per run:
 its path relative to the runs' common parent, the config keys whose values differ between the
-runs (dotted, e.g. ``peft.r``; a swept config group as its option, ``peft``: lora or ia3), then the results -- blank unless the run finished -- and its status
-(``missing``: no metrics.json, ``corrupt``: unreadable metrics.json).
+runs (dotted, e.g. ``peft.r``; a swept config group as its option, ``peft``: lora or ia3), then
+the results -- blank unless the run finished -- and its status (``missing``: no metrics.json,
+``corrupt``: unreadable metrics.json).
 
 Plots (PNG; into ``--out``, else the sweep directory when one sweep is given, else ``./compare``):
 ``heatmap_<metric>.png`` when exactly two numeric keys were swept, ``<metric>_by_<key>.png`` when
@@ -252,7 +253,7 @@ def config_values(run: dict) -> dict[str, Any]:
     the group's keys; its overrides when no config file could be read."""
     if not run["config"]:
         return parse_overrides(run["overrides"])
-    flat, choices = flatten(run["config"]), run.get("choices", {})
+    flat, choices = flatten(run["config"]), run["choices"]
     values: dict[str, Any] = {}
     for key, value in flat.items():
         group = key.split(".", 1)[0]

@@ -63,7 +63,7 @@ def build_model(cfg: DictConfig, num_labels: int, total_steps: int):
     tok = load_tokenizer(m)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
-    if m.task == "seq_cls" and m.get("pooling", "cls") == "mean":
+    if wants_mean_pooling(m):
         use_mean_pooling(model)
     if cfg.train.get("gradient_checkpointing"):  # non-reentrant: works with frozen inputs and ZeRO-3's hooks
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -84,10 +84,14 @@ class MeanPooler(torch.nn.Module):
         return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+def wants_mean_pooling(m: DictConfig) -> bool:
+    return m.task == "seq_cls" and m.get("pooling", "cls") == "mean"
+
+
 def check_pooling(m: DictConfig) -> None:
     """Before any weights load: ``model.pooling=mean`` replaces the encoder's pooler, so the
     architecture must have one. Checked on a weightless (meta-device) build of the model."""
-    if m.task != "seq_cls" or m.get("pooling", "cls") != "mean":
+    if not wants_mean_pooling(m):
         return
     config = (AutoConfig.from_pretrained(m.pretrained, trust_remote_code=m.trust_remote_code) if m.pretrained
               else instantiate(m.config))
