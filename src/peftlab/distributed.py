@@ -72,6 +72,18 @@ def forget_inherited_process_group_env() -> None:
             os.environ.pop(name, None)
 
 
+@contextlib.contextmanager
+def world_of_one():
+    """Accelerate sees one process here, whatever process-group variables an earlier run in this
+    process left (a notebook or pytest that trained, then predicts): without them it would gather
+    through that run's process group, NCCL on a GPU machine, which cannot gather CPU tensors."""
+    saved = {k: os.environ.pop(k) for k in (*PG_VARS, "ACCELERATE_USE_DEEPSPEED") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def make_accelerator(cfg: DictConfig, project_dir: str, log_with: str | None = None) -> Accelerator:
     """A fresh Accelerator for one training (state of any earlier one in this process is reset)."""
     reset_state()

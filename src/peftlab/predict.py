@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from peftlab import data, engine, modeling
 from peftlab.config import ConfigError
-from peftlab.distributed import reset_state
+from peftlab.distributed import reset_state, world_of_one
 
 
 def predict_run(run_dir: str | Path, rows: list[dict] | None = None, batch_size: int = 64) -> tuple[list[dict], dict, list[str]]:
@@ -31,7 +31,8 @@ def predict_run(run_dir: str | Path, rows: list[dict] | None = None, batch_size:
     feats = data.encode(rows, tok, task, cfg.dataset.prompt, names, cfg.train.max_length)
     loader = data.loader(feats, data.Collator(task, mode, tok.pad_token_id, targets), batch_size, False, cfg.seed)
     reset_state()
-    accelerator = Accelerator(cpu=True)
+    with world_of_one():
+        accelerator = Accelerator(cpu=True)
     out = engine.predict(accelerator, model, loader, task, mode, len(names), tokenizer=tok, label_names=names,
                          max_new_tokens=cfg.eval.max_new_tokens)
     reset_state()
