@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -78,7 +79,8 @@ def test_bench_runs_on_the_cpu(tmp_path):
            "--data-dir", str(data), "--out", str(out), "--set", "train.max_length=32", "--set", "save_adapter=false",
            "--set", "eval.batch_size=24", "--timeout", "900"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))  # on the CPU, also on a GPU machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     rows = {r["config"]: r for r in result["rows"]}

@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from peftlab import distributed, launch
-from peftlab.config import ConfigError
+from peftlab.config import ConfigError, validate
 
 from .conftest import CONF, ROOT, make_cfg
 
@@ -29,8 +30,13 @@ NO_DROPOUT = ["peft.lora_dropout=0", "+model.config.hidden_dropout_prob=0", "+mo
 TWO_PROC = ["launcher.num_processes=2", "zero=stage3", "model=tiny_bert", "train.batch_size=4", "eval.batch_size=5"]
 
 
+# The ranks of these tests run on the CPU (gloo), also on a machine with one GPU, where two ranks
+# would share it; with two GPUs or more they run on the GPUs (NCCL).
+ON_CPU = {"CUDA_VISIBLE_DEVICES": ""} if torch.cuda.device_count() < 2 else {}
+
+
 def env(**extra) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **extra)
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **ON_CPU, **extra)
 
 
 def run_py(*args, cwd=ROOT, timeout=600):
@@ -100,13 +106,26 @@ def test_bad_launcher_settings_fail_with_one_line(tmp_path, overrides, fragment)
         launch.check(cfg)
 
 
+def test_more_processes_than_gpus_fail_with_one_line(tmp_path, monkeypatch):
+    """On a machine with one GPU two ranks would both take it (or fail on cuda:1, after a 30 s wait)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"launcher\.num_processes=2 starts 2 processes on this machine, one per GPU, but it has 1 GPU"):
+        launch.check(make_cfg(tmp_path, "launcher.num_processes=2"))
+    launch.check(make_cfg(tmp_path, "launcher.num_processes=2", "launcher.num_machines=2", "launcher.main_process_ip=10.0.0.1"))
+    validate(make_cfg(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank started by an outside launcher: accelerate launch --num_processes 2
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=1\) but the machine has 1 GPU\(s\) visible"):
+        validate(make_cfg(tmp_path))
+
+
 def test_launcher_inside_another_launch_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="inside a launch of 2 processes"):
         launch.check(make_cfg(tmp_path, "launcher.num_processes=2"))
 
 
-def test_several_machines_need_a_shared_run_directory(tmp_path):
+def test_several_machines_need_a_shared_run_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # 2 processes per machine: as many as GPUs, or CPU ranks
     cfg = make_cfg(tmp_path, "launcher.num_processes=4", "launcher.num_machines=2", "launcher.main_process_ip=10.0.0.1")
     with pytest.raises(ConfigError, match="needs hydra.run.dir=PATH"):
         launch.check(cfg, shared_dir_given=False)
@@ -226,12 +245,11 @@ def test_two_processes_match_one_process(two_proc, tmp_path, tiny_data):
     rows, so the masks differ from one process's masks for 8 rows, and on this near-chance tiny
     model that alone moves accuracy by up to 0.3: no useful tolerance exists with it on.
     """
-    from peftlab.experiment import run
-
     out, _ = two_proc
-    one = run(make_cfg(tmp_path, "zero=stage3", "model=tiny_bert", "train.batch_size=8", "eval.batch_size=5", "train.lr=5e-2",
-                       *NO_DROPOUT, data_dir=tiny_data, epochs=10))
-    two = json.loads((out / "metrics.json").read_text())
+    result = run_py("zero=stage3", "model=tiny_bert", "train.batch_size=8", "eval.batch_size=5", "train.lr=5e-2", *NO_DROPOUT,
+                    "train.epochs=10", f"dataset.data_dir={tiny_data}", f"hydra.run.dir={tmp_path}")  # on the two ranks' device
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path, out))
     assert abs(one["final"]["accuracy"] - two["final"]["accuracy"]) <= 1 / 24 + 1e-9
     a, b = read_csv(tmp_path / "predictions.csv"), read_csv(out / "predictions.csv")
     assert [r["id"] for r in a] == [r["id"] for r in b]
@@ -250,6 +268,9 @@ def test_outside_launchers_give_one_run_directory(tmp_path, tiny_data, launcher)
     args = [a for a in TWO_PROC if not a.startswith("launcher.")]
     result = subprocess.run([*cmd, str(ROOT / "run.py"), *args, "train.epochs=1", f"dataset.data_dir={tiny_data}"],
                             cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=600)
+    if launcher == "deepspeed" and torch.cuda.device_count() == 1:  # it hands out GPUs itself, whatever CUDA_VISIBLE_DEVICES says
+        assert result.returncode == 2 and "(LOCAL_RANK=1) but the machine has 1 GPU(s) visible" in result.stderr, result.stderr[-3000:]
+        return
     assert result.returncode == 0, result.stderr[-3000:]
     run_dirs = list((tmp_path / "outputs").glob("*/*"))
     assert len(run_dirs) == 1, run_dirs

@@ -45,6 +45,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_zero(cfg)
     _validate_peft(cfg)
     _validate_eval(cfg)
+    _validate_devices(cfg)
 
 
 def _validate_model(cfg: DictConfig) -> None:
@@ -84,10 +85,19 @@ def _validate_train(cfg: DictConfig) -> None:
                f"model={cfg.model.name} is {cfg.model.task}: use train.head_only_epochs=0")
     for key in ("gradient_checkpointing", "tf32"):
         _check(isinstance(t.get(key, False), bool), f"train.{key}={t.get(key)} must be true or false")
-    if t.mixed_precision == "fp16":
-        import torch
 
-        _check(torch.cuda.is_available(), "train.mixed_precision=fp16 needs a GPU; use train.mixed_precision=bf16 or no on the CPU")
+
+def _validate_devices(cfg: DictConfig) -> None:
+    """What this machine must have for the settings (checked in each process, after any launcher)."""
+    import torch
+
+    gpus = torch.cuda.device_count()  # the visible ones (CUDA_VISIBLE_DEVICES)
+    if cfg.train.mixed_precision == "fp16":
+        _check(gpus > 0, "train.mixed_precision=fp16 needs a GPU; use train.mixed_precision=bf16 or no on the CPU")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    _check(gpus == 0 or local_rank < gpus,
+           f"this is process {local_rank} on its machine (LOCAL_RANK={local_rank}) but the machine has {gpus} GPU(s) visible: "
+           f"start at most {gpus} process(es) per machine (launcher.num_processes), or set CUDA_VISIBLE_DEVICES= to run on the CPU")
 
 
 def _validate_zero(cfg: DictConfig) -> None:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from peftlab.cli import quiet_libraries
@@ -68,6 +69,11 @@ def check(cfg: DictConfig, shared_dir_given: bool = True) -> None:
     if world > 1:
         raise ConfigError(f"launcher.num_processes={n} inside a launch of {world} processes (WORLD_SIZE={world}): "
                           "start with python run.py launcher.num_processes=N, or with accelerate launch/torchrun/deepspeed/SLURM tasks, not both")
+    gpus = torch.cuda.device_count()  # the visible ones (CUDA_VISIBLE_DEVICES); none: the ranks run on the CPU
+    if gpus and n // machines > gpus:
+        raise ConfigError(f"launcher.num_processes={n} starts {n // machines} processes on this machine, one per GPU, but it has "
+                          f"{gpus} GPU(s) visible: use launcher.num_processes={gpus * machines}, or set CUDA_VISIBLE_DEVICES= "
+                          "to run them on the CPU")
 
 
 def command(cfg: DictConfig, run_dir: Path) -> list[str]:
