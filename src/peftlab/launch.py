@@ -18,6 +18,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from peftlab.cli import quiet_libraries
 from peftlab.config import ConfigError, validate
 from peftlab.distributed import add_run_figures, free_port, quiet_other_ranks, rank
-from peftlab.rundir import RunRecord, write_json
+from peftlab.rundir import RunRecord, read_json, write_json
 
 log = logging.getLogger("peftlab")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's
@@ -161,8 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if rank() == 0:
             print(f"error: {e}", file=sys.stderr)
+        else:  # the launcher stops every rank once one exits: let rank 0 record the error first
+            wait_for_record(run_dir)
         return 2
     return 0
+
+
+def wait_for_record(run_dir: Path, timeout_s: float = 10.0) -> None:
+    """Until RUN_DIR/metrics.json no longer says running (rank 0 recorded the end), at most timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (read_json(run_dir / "metrics.json") or {}).get("status") == "running":
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":
