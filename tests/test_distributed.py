@@ -229,7 +229,7 @@ def test_adapter_saved_under_zero3_is_complete_and_reproduces_the_predictions(tw
     assert {s for k, s in shapes.items() if "lora_A" in k} == {(8, 16)} and {s for k, s in shapes.items() if "lora_B" in k} == {(16, 8)}
     assert shapes["classifier.weight"] == (2, 16) and shapes["classifier.bias"] == (2,)
     saved = read_csv(out / "predictions.csv")
-    rows, again, names = predict_run(out)  # one process, no DeepSpeed
+    rows, again, names = predict_run(out, device="cpu")  # one process, no DeepSpeed, on the ranks' device
     assert [names[p] for p in again["pred"]] == [r["prediction"] for r in saved]
     assert max(abs(float(r[f"logp_{n}"]) - s) for r, scores in zip(saved, again["scores"]) for n, s in zip(names, scores)) < 1e-3
 

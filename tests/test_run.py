@@ -8,7 +8,7 @@ import json
 import pytest
 from accelerate.utils import DistributedType
 
-from peftlab import engine
+from peftlab import engine, predict
 from peftlab.experiment import run
 from peftlab.predict import predict_run
 
@@ -62,15 +62,19 @@ def test_each_task_type_trains_under_each_zero_setting(tmp_path, tiny_data, mode
         assert max(abs(a - b) for s, o in zip(saved, out["scores"]) for a, b in zip(s, o)) < 1e-3
 
 
-def test_predict_after_a_deepspeed_run_in_the_same_process_is_one_process(tmp_path, tiny_data, monkeypatch):
+def test_predict_after_a_deepspeed_run_in_the_same_process_is_one_process(tmp_path, tiny_data, monkeypatch, capsys):
     """A DeepSpeed run leaves its process group and its variables (RANK, LOCAL_RANK, ...) in the
     process; reloading the run there (a notebook, pytest) must predict as one process. Through the
     run's group it failed on a GPU machine: NCCL cannot gather the CPU tensors of the reloaded model."""
-    run(make_cfg(tmp_path, "model=tiny_bert", "zero=stage3_cpu", data_dir=tiny_data, epochs=1))
+    run_dir = tmp_path / "run"
+    run(make_cfg(run_dir, "model=tiny_bert", "zero=stage3_cpu", data_dir=tiny_data, epochs=1))
     seen, real = [], engine.predict
     monkeypatch.setattr(engine, "predict", lambda accelerator, *a, **k: seen.append(accelerator.distributed_type) or real(accelerator, *a, **k))
-    rows, out, names = predict_run(tmp_path)
+    rows, out, names = predict_run(run_dir)
     assert seen == [DistributedType.NO] and len(out["pred"]) == 24
+    assert predict.main([str(run_dir), "--device", "cpu", "--out", str(tmp_path / "again.csv")]) == 0  # peftlab predict
+    assert "24/24 predictions equal the run's predictions.csv" in capsys.readouterr().out
+    assert read_csv(tmp_path / "again.csv") == [{"id": r["id"], "prediction": r["prediction"]} for r in read_csv(run_dir / "predictions.csv")]
 
 
 @pytest.mark.parametrize("model,peft", [("tiny_bert", "ia3"), ("tiny_bert", "prompt_tuning"), ("tiny_bert", "adalora"),

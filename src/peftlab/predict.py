@@ -12,6 +12,7 @@ import csv
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from peftlab import data, engine, modeling
@@ -19,9 +20,12 @@ from peftlab.config import ConfigError
 from peftlab.distributed import reset_state, world_of_one
 
 
-def predict_run(run_dir: str | Path, rows: list[dict] | None = None, batch_size: int = 64) -> tuple[list[dict], dict, list[str]]:
-    """(rows, predictions, label names) for ``rows`` (default: the run's own evaluation rows) from the saved adapter."""
-    model, tok, cfg = modeling.load_trained(run_dir)
+def predict_run(run_dir: str | Path, rows: list[dict] | None = None, batch_size: int = 64,
+                device: str | None = None) -> tuple[list[dict], dict, list[str]]:  # device: "cpu" or "cuda"
+    """(rows, predictions, label names) for ``rows`` (default: the run's own evaluation rows) from the
+    saved adapter, on ``device`` (default: the GPU if there is one)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok, cfg = modeling.load_trained(run_dir, device=device)
     names = data.label_names(cfg.dataset)
     if rows is None:
         rows = data.eval_plan(cfg, data.load_splits(cfg.dataset, cfg.paths.data_dir))[1][-1][1]
@@ -32,7 +36,8 @@ def predict_run(run_dir: str | Path, rows: list[dict] | None = None, batch_size:
     loader = data.loader(feats, data.Collator(task, mode, tok.pad_token_id, targets), batch_size, False, cfg.seed)
     reset_state()
     with world_of_one():
-        accelerator = Accelerator(cpu=True)
+        accelerator = Accelerator(cpu=device == "cpu")
+    loader = accelerator.prepare_data_loader(loader)  # batches to the model's device
     out = engine.predict(accelerator, model, loader, task, mode, len(names), tokenizer=tok, label_names=names,
                          max_new_tokens=cfg.eval.max_new_tokens)
     reset_state()
@@ -43,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftlab predict", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, help="write id,prediction CSV here")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="where to predict (default: cuda if there is a GPU)")
     args = parser.parse_args(argv)
     if not (args.run_dir / "config.yaml").is_file():
         print(f"peftlab predict: {args.run_dir} has no config.yaml; give a finished run directory", file=sys.stderr)
         return 2
     try:
-        rows, out, names = predict_run(args.run_dir)
+        rows, out, names = predict_run(args.run_dir, device=args.device)
     except ConfigError as e:
         print(f"peftlab predict: {e}", file=sys.stderr)
         return 2
