@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 from accelerate.utils import DistributedType
 
 from peftlab import engine, predict
@@ -74,6 +75,9 @@ def test_predict_after_a_deepspeed_run_in_the_same_process_is_one_process(tmp_pa
     assert seen == [DistributedType.NO] and len(out["pred"]) == 24
     assert predict.main([str(run_dir), "--device", "cpu", "--out", str(tmp_path / "again.csv")]) == 0  # peftlab predict
     assert "24/24 predictions equal the run's predictions.csv" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert predict.main([str(run_dir), "--device", "cuda"]) == 2
+        assert capsys.readouterr().err.strip() == "peftlab predict: --device cuda: this machine has no GPU visible; use --device cpu"
     assert read_csv(tmp_path / "again.csv") == [{"id": r["id"], "prediction": r["prediction"]} for r in read_csv(run_dir / "predictions.csv")]
 
 

@@ -25,6 +25,8 @@ def predict_run(run_dir: str | Path, rows: list[dict] | None = None, batch_size:
     """(rows, predictions, label names) for ``rows`` (default: the run's own evaluation rows) from the
     saved adapter, on ``device`` (default: the GPU if there is one)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: this machine has no GPU visible; use --device cpu")
     model, tok, cfg = modeling.load_trained(run_dir, device=device)
     names = data.label_names(cfg.dataset)
     if rows is None:
