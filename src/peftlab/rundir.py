@@ -69,8 +69,22 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+def finite(value):
+    """``value`` with every NaN/Infinity float, however deep in dicts, lists and tuples, as None:
+    standard JSON has no such numbers (Python writes ``NaN``/``Infinity``, strict parsers refuse them).
+    E.g. a diverged run's NaN loss, or Accelerate's ``steps_per_print=inf`` (DeepSpeed reads None as never)."""
+    if isinstance(value, float):
+        return value if value - value == 0 else None  # inf - inf and nan - nan are nan
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: dict, durable: bool = True) -> None:
-    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n", durable)
+    """Standard JSON (non-finite numbers as null, see :func:`finite`), written atomically."""
+    atomic_write(path, json.dumps(finite(data), indent=2, default=str, allow_nan=False) + "\n", durable)
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
