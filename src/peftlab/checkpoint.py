@@ -13,21 +13,20 @@ Only JSON and YAML are read from a run directory, with safe loaders: nothing in 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import shutil
 from pathlib import Path
 
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from peftlab import rundir
 from peftlab.config import ConfigError
 from peftlab.rundir import read_json, write_json
 
 log = logging.getLogger("peftlab")
 STATE = "trainer_state.json"
-IGNORED_KEYS = ("resume", "checkpoint", "paths", "launcher")  # may change between a run and its resumption
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -61,16 +60,7 @@ def config_differences(cfg: DictConfig, run_dir: Path) -> list[str]:
         saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return []
-    now = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
-    saved = json.loads(json.dumps(saved or {}, default=str))
-    keys = sorted((set(now) | set(saved)) - {*IGNORED_KEYS, "hydra"})
-    return [d for k in keys for d in _diff(now.get(k), saved.get(k), k)]
-
-
-def _diff(a, b, key: str) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{key}.{k}")]
-    return [] if a == b else [key]
+    return rundir.config_differences(cfg, saved)
 
 
 def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str, tuple[Path, dict] | None]:
@@ -84,12 +74,17 @@ def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str, tuple[Path, dict] 
         clear(run_dir)
         return "fresh", None
     previous = previous_status(run_dir)
-    if previous is not None and previous.get("status") == "finished":
-        return "skip", None
     found = latest(run_dir)
-    if found is None:
+    if previous is None and found is None:
         return "fresh", None
     differs = config_differences(cfg, run_dir)
+    if differs and previous is not None and previous.get("status") == "finished":
+        raise ConfigError(f"{run_dir} holds a finished run with other settings ({', '.join(differs[:5])}); "
+                          "use another hydra.run.dir, or resume=never to start this directory over")
+    if previous is not None and previous.get("status") == "finished":
+        return "skip", None
+    if found is None:
+        return "fresh", None
     if differs:
         raise ConfigError(f"{run_dir} holds a checkpoint of a run with other settings ({', '.join(differs[:5])}); "
                           "use another hydra.run.dir, or resume=never to start this directory over")

@@ -1,4 +1,8 @@
-"""The run directory's records: metrics.json (status, figures), predictions, versions.
+"""The run directory: who owns it, and its records (metrics.json, predictions, versions).
+
+A run owns its directory: a clock-named default is claimed atomically (runs started in the same
+second get ``HH-MM-SS``, ``HH-MM-SS-1``, ...), a running run or sweep holds its directory's lock, and
+a directory holding another run's record is refused before anything is written into it.
 
 Everything a reader could take for a result is written to a temporary name and renamed, so a
 killed run never leaves a half-written file; ``status`` moves running -> finished | failed |
@@ -15,13 +19,14 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-import torch
+from hydra.experimental.callback import Callback
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "datasets", "hydra-core", "omegaconf", "peftlab")
 
@@ -108,6 +113,8 @@ def versions() -> dict[str, str | None]:
 
 
 def device_info() -> dict:
+    import torch
+
     info = {"host": platform.node(), "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -143,3 +150,196 @@ class RunRecord:
     def save(self, durable: bool = True) -> None:
         if self.write_enabled:
             write_json(self.path, self.data, durable)
+
+
+# ----------------------------------------------------------------------------- owning a run directory
+
+OWNER = ".owner"  # who claimed a clock-named directory: "host pid start" of the launching process
+LOCK = ".lock"  # flock-ed by the run (or sweep) using the directory, while it runs
+IGNORED_KEYS = ("resume", "checkpoint", "paths", "launcher")  # may change between a run and its resumption
+_HELD: dict[str, int] = {}  # run directory -> file descriptor of its held lock (released at exit)
+
+
+def _launcher_id() -> str:
+    from peftlab import launcher_process
+
+    pid, started = launcher_process()
+    return f"{platform.node()} {pid} {started:.3f}"
+
+
+def claim_dir(path: str) -> str:
+    """``path`` made this launch's own: ``path`` itself when it is free, else ``path-1``, ``path-2``, ...
+
+    A directory is claimed atomically (a temporary folder holding ``.owner`` is renamed onto the
+    name; rename fails when another run got there first), so runs started in the same second never
+    share one. The ranks of one launch (children of one accelerate launch / torchrun / deepspeed
+    process) have the same owner and so agree on the same directory. Used for the clock-named
+    defaults of ``hydra.run.dir`` and ``hydra.sweep.dir`` (``${claim_dir:...}``); a directory the user
+    names is used as named (see :class:`RunDirGuard`).
+    """
+    me, base = _launcher_id(), Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(10_000):
+        candidate = base if n == 0 else base.with_name(f"{base.name}-{n}")
+        if _owner(candidate) == me or _try_claim(candidate, me):
+            return str(candidate)
+    raise RuntimeError(f"no free directory next to {base}")
+
+
+def _owner(folder: Path) -> str | None:
+    try:
+        return (folder / OWNER).read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def _try_claim(folder: Path, me: str) -> bool:
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.claim-"))
+    try:
+        (tmp / OWNER).write_text(me, encoding="utf-8")
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, folder)  # atomic; fails if folder exists and is not empty
+        return True
+    except OSError:
+        return _owner(folder) == me  # another rank of this launch may have claimed it meanwhile
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class DirectoryInUse(RuntimeError):
+    """Another live process holds the run (or sweep) directory's lock."""
+
+
+def hold(folder: Path) -> None:
+    """Lock ``folder`` for this process until it exits (``flock``, released by the kernel when the
+    process dies, so a killed run leaves no stale lock). Raises DirectoryInUse naming the holder."""
+    import fcntl
+
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key in _HELD:
+        return
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise DirectoryInUse(holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()} since {now()}".encode(), 0)
+    _HELD[key] = fd
+
+
+def release(folder: Path) -> None:
+    fd = _HELD.pop(str(Path(folder).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def config_differences(cfg, saved, resolve: bool = True) -> list[str]:
+    """Keys whose value differs between two run configs (a DictConfig and a dict read with
+    ``yaml.safe_load``, never instantiated), ignoring ``hydra`` and the keys a resumed run may change
+    (IGNORED_KEYS). ``resolve``: compare ``cfg`` resolved (``saved`` is a resolved config.yaml)."""
+    from omegaconf import OmegaConf
+
+    kept = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in (*IGNORED_KEYS, "hydra")])
+    now_values = OmegaConf.to_container(kept, resolve=resolve)
+    now_values = json.loads(json.dumps(now_values, default=str))
+    saved = json.loads(json.dumps(saved or {}, default=str))
+    keys = sorted((set(now_values) | set(saved)) - {*IGNORED_KEYS, "hydra"})
+    return [d for k in keys for d in _diff(now_values.get(k), saved.get(k), k)]
+
+
+def _diff(a, b, key: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{key}.{k}")]
+    return [] if a == b else [key]
+
+
+def _read_yaml(path: Path):
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def check_run_dir(config, run_dir: Path, sweep: bool) -> None:
+    """Whether this run (``sweep``: this sweep) may use ``run_dir``; ValueError with one line if not.
+
+    - it must be writable;
+    - no other live run or sweep may be using it (its lock);
+    - if it holds an earlier run's record (a sweep's ``multirun.yaml``), that run's settings must be
+      these (then ``resume=auto`` continues or skips it); otherwise this run would mix its records
+      with the earlier one's, so it is refused and nothing in the directory is touched.
+    """
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        writable = os.access(run_dir, os.W_OK)
+        probe = tempfile.TemporaryFile(dir=run_dir)  # root ignores permission bits; a read-only mount does not
+        probe.close()
+    except OSError as e:
+        raise ValueError(f"cannot write {key}={run_dir} ({e.strerror or e}); choose a writable {key}") from None
+    if not writable:
+        raise ValueError(f"cannot write {key}={run_dir} (permission denied); choose a writable {key}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one lock per run: its rank 0 (the launcher's parent when there is one)
+        try:
+            hold(run_dir)
+        except DirectoryInUse as e:
+            raise ValueError(f"{key}={run_dir} is in use by another {'sweep' if sweep else 'run'} ({e}); "
+                             f"wait for it to end, or choose another {key}") from None
+    if sweep:
+        _check_same_sweep(config, run_dir, key)
+    elif (run_dir / "metrics.json").is_file() and config.get("resume") == "auto":
+        saved = _read_yaml(run_dir / "config.yaml")
+        differs = config_differences(config, saved) if saved is not None else []
+        if differs:
+            raise ValueError(f"{key}={run_dir} holds a run with other settings ({', '.join(differs[:5])}); "
+                             f"choose another {key}, or resume=never to start it over")
+
+
+def _sweep_overrides(overrides) -> list[str]:
+    """A sweep's task overrides that decide its jobs' settings (not resume/checkpoint/paths/launcher)."""
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in IGNORED_KEYS]
+
+
+def _check_same_sweep(config, sweep_dir: Path, key: str) -> None:
+    """A sweep directory holding an earlier sweep (its ``multirun.yaml``) is reused only by the same
+    sweep: same overrides, same config; otherwise its jobs' records would mix with this sweep's."""
+
+    old = _read_yaml(sweep_dir / "multirun.yaml")
+    if not isinstance(old, dict):
+        return
+    before = _sweep_overrides(((old.get("hydra") or {}).get("overrides") or {}).get("task") or [])
+    after = _sweep_overrides(list(config.hydra.overrides.task))
+    if before != after:
+        raise ValueError(f"{key}={sweep_dir} holds a sweep with other overrides ({' '.join(before) or 'none'}; now "
+                         f"{' '.join(after) or 'none'}); choose another {key}, or repeat its overrides to resume it")
+    differs = config_differences(config, old, resolve=False)  # multirun.yaml holds the config as written
+    if differs:
+        raise ValueError(f"{key}={sweep_dir} holds a sweep of other settings ({', '.join(differs[:5])}); "
+                         f"choose another {key}")
+
+
+class RunDirGuard(Callback):
+    """Hydra callback (conf/config.yaml ``hydra.callbacks``): before Hydra writes anything into the
+    run directory (``.hydra/``, the log) or the sweep directory (``multirun.yaml``), check that this
+    run may use it (:func:`check_run_dir`); if not, one line on stderr and exit 2, the directory
+    untouched. Reading ``hydra.run.dir``/``hydra.sweep.dir`` here also claims a clock-named default."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        _guard(config, config.hydra.run.dir, sweep=False)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        _guard(config, config.hydra.sweep.dir, sweep=True)
+
+
+def _guard(config, folder: str, sweep: bool) -> None:
+    try:
+        check_run_dir(config, Path(folder), sweep)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
