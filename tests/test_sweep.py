@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -99,3 +103,49 @@ def test_a_failed_optuna_trial_is_recorded_and_the_study_goes_on(tmp_path, tiny_
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert summary["jobs"] == 6 and summary["statuses"].get("failed", 0) >= 1 and summary["finished"] >= 1
     assert "best_value" in (tmp_path / "optimization_results.yaml").read_text()
+
+
+def test_summary_of_a_resumed_sweep_counts_only_the_jobs_this_invocation_ran(tmp_path):
+    """Job 0 finished in an earlier invocation (its phases took 100 s then); this invocation, 20 s
+    ending at `now`, resumed job 1 (12 s of train/eval) and ran job 2 (failed at once)."""
+    from peftlab.rundir import write_json
+    from peftlab.sweep import read_jobs, summarize
+
+    now = time.time()
+    at = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+    jobs = {0: {"status": "finished", "started": at(now - 500), "ended": at(now - 400),
+                "phases": {"train": {"wall_s": 90.0}, "eval": {"wall_s": 10.0}}},
+            1: {"status": "finished", "started": at(now - 19.6), "ended": at(now - 2), "resumed_at_step": 3,
+                "phases": {"train": {"wall_s": 10.0}, "eval": {"wall_s": 2.0}}},
+            2: {"status": "failed", "error": "peft.r=0", "started": at(now - 1), "ended": at(now - 1)}}
+    for n, job in jobs.items():
+        write_json(tmp_path / str(n) / "metrics.json", {"run_dir": str(tmp_path / str(n)), **job})
+    summary = summarize(read_jobs(tmp_path), 20.0)  # ends now
+    assert summary["train_eval_s"] == 12.0
+    assert summary["outside_train_eval"] == 0.4  # 8 of this invocation's 20 s; the old sum said 1 - 112/20 = -4.6
+    assert (summary["jobs"], summary["ran"], summary["skipped_finished"], summary["finished"]) == (3, 2, 1, 2)
+
+
+def test_a_sweep_run_again_times_only_the_jobs_it_ran(tmp_path, tiny_data):
+    """A two-job sweep killed once its second job has started; run again, it skips job 0 (finished) and runs job 1."""
+    command = [sys.executable, "run.py", "-m", "model=tiny_bert", "peft.r=4,8", "train.epochs=2", "logger=null",
+               f"dataset.data_dir={tiny_data}", f"hydra.sweep.dir={tmp_path}"]
+    with open(tmp_path.parent / f"{tmp_path.name}.log", "wb") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while not (tmp_path / "1" / "metrics.json").exists():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path.parent / f"{tmp_path.name}.log").read_text()[-2000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert json.loads((tmp_path / "0" / "metrics.json").read_text())["status"] == "finished"
+    job0 = (tmp_path / "0" / "metrics.json").read_bytes()
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "0" / "metrics.json").read_bytes() == job0  # skipped, not redone
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    job1 = json.loads((tmp_path / "1" / "metrics.json").read_text())
+    assert summary["train_eval_s"] == round(sum(job1["phases"][p]["wall_s"] for p in ("train", "eval")), 2)
+    assert 0 <= summary["outside_train_eval"] <= 1
+    assert summary["outside_train_eval"] == round(1 - summary["train_eval_s"] / summary["wall_s"], 4)
+    assert (summary["jobs"], summary["ran"], summary["skipped_finished"], summary["finished"]) == (2, 1, 1, 2)

@@ -54,11 +54,30 @@ def read_jobs(sweep_dir: Path) -> list[dict]:
     return [read_json(p) or {"status": "corrupt", "run_dir": str(p.parent)} for p in found]
 
 
-def summarize(jobs: list[dict], wall_s: float) -> dict:
+def started_before(job: dict, moment: float) -> bool:
+    """Whether the job's record was started before ``moment`` (a time.time()), i.e. by an earlier
+    invocation of the sweep: ``started`` is whole seconds, so one second of slack. A job this
+    invocation ran or resumed has a new record (its ``started`` and phases are this invocation's)."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(job["started"]).timestamp() < moment - 1
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def summarize(jobs: list[dict], wall_s: float, now: float | None = None) -> dict:
+    """The sweep's summary; ``wall_s`` is this invocation's time, ending ``now`` (time.time()). Jobs a
+    sweep run again skipped (finished earlier) count in the statuses, not in train_eval_s: their phases
+    ran before this invocation's wall time."""
     statuses = [j.get("status", "unknown") for j in jobs]
-    in_jobs = sum((j.get("phases", {}).get(p, {}).get("wall_s") or 0) for j in jobs for p in ("train", "eval", "validation"))
+    start = (time.time() if now is None else now) - wall_s
+    earlier = [j for j in jobs if started_before(j, start)]
+    ran = [j for j in jobs if not started_before(j, start)]
+    in_jobs = sum((j.get("phases", {}).get(p, {}).get("wall_s") or 0) for j in ran for p in ("train", "eval", "validation"))
     return {"jobs": len(jobs), "finished": statuses.count("finished"), "not_finished": len(jobs) - statuses.count("finished"),
             "statuses": {s: statuses.count(s) for s in sorted(set(statuses))}, "wall_s": round(wall_s, 2),
+            "ran": len(ran), "skipped_finished": sum(j.get("status") == "finished" for j in earlier),
             "train_eval_s": round(in_jobs, 2), "outside_train_eval": round(1 - in_jobs / wall_s, 4) if wall_s else None,
             "failed": [{"run_dir": j.get("run_dir"), "status": j.get("status"), "error": j.get("error")}
                        for j in jobs if j.get("status") != "finished"]}
