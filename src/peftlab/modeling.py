@@ -7,6 +7,7 @@ partitioned as it is created and the whole model never sits on one device.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -27,7 +28,7 @@ from transformers import (
     set_seed,
 )
 
-from peftlab.config import PEFT_TASK_TYPES, ConfigError, peft_method
+from peftlab.config import PEFT_TASK_TYPES, ConfigError, check_model_files, peft_method
 
 log = logging.getLogger(__name__)
 AUTO_CLASSES = {"seq_cls": AutoModelForSequenceClassification, "seq2seq": AutoModelForSeq2SeqLM, "causal_lm": AutoModelForCausalLM}
@@ -40,7 +41,8 @@ def load_tokenizer(m: DictConfig):
     if key not in _TOKENIZERS:
         if m.trust_remote_code:
             log.warning("model.trust_remote_code=true: running code from %s", m.tokenizer)
-        tok = AutoTokenizer.from_pretrained(m.tokenizer, trust_remote_code=m.trust_remote_code)
+        with _one_line(m, "model.tokenizer"):
+            tok = AutoTokenizer.from_pretrained(m.tokenizer, trust_remote_code=m.trust_remote_code)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         _TOKENIZERS[key] = tok
@@ -57,7 +59,8 @@ def build_model(cfg: DictConfig, num_labels: int, total_steps: int):
     if source:
         if m.trust_remote_code:
             log.warning("model.trust_remote_code=true: running the model code of %s", source)
-        model = auto.from_pretrained(source, trust_remote_code=m.trust_remote_code, use_safetensors=True, **extra)
+        with _one_line(m):
+            model = auto.from_pretrained(source, trust_remote_code=m.trust_remote_code, use_safetensors=True, **extra)
     else:  # straight from the config: under zero.Init the init differs from a plain one, so reloads can't rebuild it
         model = auto.from_config(instantiate(m.config, **extra))
     tok = load_tokenizer(m)
@@ -89,12 +92,15 @@ def wants_mean_pooling(m: DictConfig) -> bool:
 
 
 def check_pooling(m: DictConfig) -> None:
-    """Before any weights load: ``model.pooling=mean`` replaces the encoder's pooler, so the
-    architecture must have one. Checked on a weightless (meta-device) build of the model."""
+    """Before any weights load: the model's files are at hand (local folder, or the Hugging Face
+    cache: :func:`peftlab.config.check_model_files`), and ``model.pooling=mean``, which replaces the
+    encoder's pooler, has one to replace. That is checked on a weightless (meta-device) build."""
+    check_model_files(m)
     if not wants_mean_pooling(m):
         return
-    config = (AutoConfig.from_pretrained(m.pretrained, trust_remote_code=m.trust_remote_code) if m.pretrained
-              else instantiate(m.config))
+    with _one_line(m):
+        config = (AutoConfig.from_pretrained(m.pretrained, trust_remote_code=m.trust_remote_code) if m.pretrained
+                  else instantiate(m.config))
     with torch.device("meta"):
         skeleton = AutoModelForSequenceClassification.from_config(config, trust_remote_code=m.trust_remote_code)
     if not isinstance(getattr(skeleton.base_model, "pooler", None), torch.nn.Module):
@@ -168,8 +174,7 @@ def peft_config(cfg: DictConfig, total_steps: int):
     extra = {"task_type": PEFT_TASK_TYPES[cfg.model.task]}
     if method == "adalora":
         extra["total_step"] = total_steps
-        extra["tinit"] = cfg.peft.tinit if cfg.peft.tinit is not None else int(0.1 * total_steps)
-        extra["tfinal"] = cfg.peft.tfinal if cfg.peft.tfinal is not None else int(0.2 * total_steps)
+        extra["tinit"], extra["tfinal"] = adalora_schedule(cfg, total_steps)
     return instantiate(cfg.peft, _convert_="all", **extra)
 
 
@@ -181,9 +186,51 @@ def apply_peft(model, cfg: DictConfig, total_steps: int):
 
 
 def optimizer_steps(n_rows: int, cfg: DictConfig, num_processes: int) -> int:
-    """Optimizer steps of the whole run as one process sees them."""
+    """Optimizer steps of the whole run as one process sees them (checked against AdaLoRA's schedule)."""
     batches = math.ceil(math.ceil(n_rows / cfg.train.batch_size) / num_processes)
-    return math.ceil(batches / cfg.train.grad_accum) * cfg.train.epochs
+    total = math.ceil(batches / cfg.train.grad_accum) * cfg.train.epochs
+    check_adalora_schedule(cfg, total, f"{n_rows} training rows, train.batch_size={cfg.train.batch_size}, "
+                                       f"train.grad_accum={cfg.train.grad_accum}, {num_processes} process(es)")
+    return total
+
+
+def adalora_schedule(cfg: DictConfig, total_steps: int) -> tuple[int, int]:
+    """(tinit, tfinal) as AdaLoRA gets them: the configured ones, or 10% and 20% of the run's steps."""
+    p = cfg.peft
+    return (p.tinit if p.tinit is not None else int(0.1 * total_steps),
+            p.tfinal if p.tfinal is not None else int(0.2 * total_steps))
+
+
+def check_adalora_schedule(cfg: DictConfig, total_steps: int, how: str = "") -> None:
+    """AdaLoRA re-allocates ranks between step ``tinit`` and ``total_step - tfinal``: PEFT refuses a
+    schedule that leaves no step for it, but only once the model is built, naming its own ``total_step``.
+    Checked here, when the training rows are counted and before any model loads, in the run's keys."""
+    if peft_method(cfg) != "adalora":
+        return
+    tinit, tfinal = adalora_schedule(cfg, total_steps)
+    if tinit + tfinal < total_steps:
+        return
+    per_epoch = total_steps // cfg.train.epochs
+    given = lambda key, value: f"peft.{key}={value}" if cfg.peft[key] is not None else f"peft.{key}=null ({value})"  # noqa: E731
+    raise ConfigError(f"{given('tinit', tinit)} + {given('tfinal', tfinal)} = {tinit + tfinal} leave AdaLoRA no steps to "
+                      f"re-allocate ranks in: the run has {total_steps} optimizer steps (train.epochs={cfg.train.epochs} x "
+                      f"{per_epoch} per epoch{f': {how}' if how else ''}); make peft.tinit + peft.tfinal < {total_steps}, "
+                      "or raise train.epochs")
+
+
+class _one_line(contextlib.AbstractContextManager):
+    """A model or tokenizer that cannot be loaded (files missing, hub unreachable): one line naming the key."""
+
+    def __init__(self, m: DictConfig, key: str = "model.pretrained"):
+        self.m, self.key = m, key
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, OSError):  # transformers' "couldn't find / couldn't connect" errors
+            source = self.m.get(self.key.split(".")[1])
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise ConfigError(f"{self.key}={source} cannot be loaded ({reason}); give a model folder ({self.key}=/path/to/folder) "
+                              "or a hub id that is in the local cache (`huggingface-cli download ID` on a machine with internet)") from None
+        return False
 
 
 def count_parameters(model) -> tuple[int, int]:
