@@ -134,6 +134,15 @@ def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def one_line(error: BaseException) -> str:
+    """The error for metrics.json, in one line: the real error, not a library's wrapper around it."""
+    wrappers = ("InstantiationException",)  # hydra.errors: "Error in call to target ...", raised from the real error
+    seen = set()
+    while type(error).__name__ in wrappers and id(error) not in seen:
+        seen.add(id(error))
+        cause = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if cause is None:
+            break
+        error = cause
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:300] if text else ''}" if not isinstance(error, ConfigError) else text[0]
 
