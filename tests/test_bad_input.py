@@ -82,14 +82,47 @@ BAD = [
     ([], "malformed_csv", "cannot be read as csv"),
     ([], "no_labelled_rows", "no labelled rows to train on"),
     (["eval.split=kfold", "eval.folds=40"], "ok", "eval.folds=40 is more than"),
+    # issue 14: every scalar has its default's type, checked up front (these were tracebacks after data loading)
+    (["train.warmup_ratio=abc"], None, "train.warmup_ratio=abc must be a number"),
+    (["seed=abc"], None, "seed=abc must be a whole number"),
+    (["peft.lora_dropout=abc"], None, "peft.lora_dropout=abc must be a number"),
+    (["+peft.use_rslora=maybe"], None, "peft.use_rslora=maybe must be true or false"),
+    (["+peft.bias=some"], None, "peft.bias=some must be one of none, all, lora_only"),
+    (["train.lr=${nowhere}"], None, "train.lr cannot be resolved (Interpolation key 'nowhere' not found)"),
+    (["dataset.text_column=5"], None, "dataset.text_column=5 must be text: quote it"),
+    # a key added with + that the target class (or the section) does not have
+    (["+peft.rank=16"], None, "peft.rank is not a key of peft=lora; did you mean peft.r?"),
+    (["peft=loha", "+peft.lora_alpha=8"], None, "peft.lora_alpha is not a key of peft=loha; did you mean peft.alpha?"),
+    (["+optimizer.momentum=0.9"], None, "optimizer.momentum is not a key of optimizer (torch.optim.AdamW)"),
+    (["+train.warmup_steps=10"], None, "train.warmup_steps is not a key of train; did you mean train.warmup_ratio?"),
+    (["+model.poolng=mean"], None, "model.poolng is not a key of model=minilm; did you mean model.pooling?"),
+    # a file where a folder belongs
+    ([], "file_as_data_dir", "is a file, not a folder; point it at a folder holding train.csv, test.csv"),
+    (["model.pretrained=README.md"], None, "model.pretrained=README.md is a file, not a folder"),
+    # a hub model that is not in the cache, the hub being off (conftest: HF_HUB_OFFLINE=1)
+    (["model.pretrained=nobody-peftlab/no-such-model"], None,
+     "model.pretrained=nobody-peftlab/no-such-model is not in the local Hugging Face cache and the hub is off (HF_HUB_OFFLINE=1): "
+     "run `huggingface-cli download nobody-peftlab/no-such-model` on a machine with internet"),
+    # AdaLoRA's schedule against the run's optimizer steps (16 rows, batch 8, 2 epochs: 4 steps), before the model loads
+    (["peft=adalora", "peft.tinit=2", "peft.tfinal=2"], "ok",
+     "peft.tinit=2 + peft.tfinal=2 = 4 leave AdaLoRA no steps to re-allocate ranks in: the run has 4 optimizer steps "
+     "(train.epochs=2 x 2 per epoch: 16 training rows, train.batch_size=8, train.grad_accum=1, 1 process(es)); "
+     "make peft.tinit + peft.tfinal < 4, or raise train.epochs"),
+    (["peft=adalora", "peft.tinit=4"], "ok", "peft.tinit=4 + peft.tfinal=null (0) = 4 leave AdaLoRA no steps"),
+    (["peft=adalora", "peft.tfinal=-1"], None, "peft.tfinal=-1 must be a whole number >= 0"),
+    # a dtype traceback after the model loaded (11 minutes with the default data); refused on the CPU only
+    (["zero=stage3_cpu", "train.mixed_precision=bf16"], None,
+     "train.mixed_precision=bf16 with zero=stage3_cpu (stage 3) fails on the CPU for a classifier with an adapter"),
 ]
 
 
 @pytest.mark.parametrize("overrides,variant,fragment", BAD, ids=[" ".join(b[0]) or b[1] for b in BAD])
 def test_bad_input_is_reported_before_any_model_loads(tmp_path, tiny_data, no_model_loading, overrides, variant, fragment):
-    if "needs a GPU" in fragment and torch.cuda.is_available():
-        pytest.skip("fp16 is a valid setting on a GPU")
+    if ("needs a GPU" in fragment or "fails on the CPU" in fragment) and torch.cuda.is_available():
+        pytest.skip("a valid setting on a GPU")
     data_dir = None if variant == "skip_data_dir" else (broken_data(tmp_path, variant) if variant not in (None, "ok") else tiny_data)
+    if variant == "file_as_data_dir":
+        data_dir = tiny_data / "train.csv"
     cfg = make_cfg(tmp_path / "run", *overrides, data_dir=data_dir)
     with pytest.raises(ConfigError) as caught:
         run(cfg)
@@ -150,3 +183,96 @@ def test_a_10_megabyte_tweet_is_truncated_not_fatal(tmp_path):
     assert train.stat().st_size > 10_000_000
     metrics = run(make_cfg(tmp_path / "run", "model=tiny_bert", "logger=null", data_dir=folder, epochs=1))
     assert metrics["status"] == "finished" and metrics["n_train"] == 17
+
+
+HEAVY = ("torch", "transformers", "accelerate", "deepspeed", "peft")
+
+
+def test_a_config_error_exits_before_the_heavy_libraries_load(tmp_path, tiny_data):
+    """`python run.py train.warmup_ratio=abc`: one line, exit 2, metrics.json failed, and none of torch,
+    transformers, accelerate, DeepSpeed or PEFT imported before (they took 5-10 s of a config error)."""
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-X", "importtime", "run.py", "train.warmup_ratio=abc", f"dataset.data_dir={tiny_data}",
+                             f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert lines == ["error: train.warmup_ratio=abc must be a number"]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["error"] == "train.warmup_ratio=abc must be a number"
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_the_early_check_keeps_an_earlier_runs_record(tmp_path, monkeypatch):
+    from peftlab.cli import check_first
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"status": "finished", "error": null}')
+    with pytest.raises(ConfigError, match="seed=abc must be a whole number"):
+        check_first(make_cfg(run_dir, "seed=abc"))
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
+
+
+def test_peft_keys_are_read_without_importing_peft():
+    """The PEFT fields come from its source (ast): the same as the dataclasses' init fields, and no import."""
+    code = ("import sys, dataclasses; from peftlab.config import target_fields; "
+            "names = ['LoraConfig', 'AdaLoraConfig', 'IA3Config', 'LoHaConfig', 'LoKrConfig', 'PrefixTuningConfig', "
+            "'PromptTuningConfig', 'PromptEncoderConfig']; "
+            "read = {n: sorted(target_fields('peft.' + n)) for n in names}; assert 'peft' not in sys.modules; "
+            "import peft; "
+            "real = {n: sorted(f.name for f in dataclasses.fields(getattr(peft, n)) if f.init) for n in names}; "
+            "print(read == real, [n for n in names if read[n] != real[n]])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.stdout.strip() == "True []", out.stderr[-2000:]
+
+
+def test_a_wrapped_library_error_is_recorded_as_its_cause():
+    from hydra.utils import instantiate
+
+    from peftlab.experiment import one_line
+
+    with pytest.raises(Exception) as caught:
+        instantiate({"_target_": "builtins.int", "_args_": ["abc"]})
+    assert type(caught.value).__name__ == "InstantiationException"
+    assert one_line(caught.value) == "ValueError: invalid literal for int() with base 10: 'abc'"
+    try:
+        try:
+            raise ConfigError("peft.r=0 must be a whole number >= 1")
+        except ConfigError as e:
+            from hydra.errors import InstantiationException
+
+            raise InstantiationException("Error in call to target 'x':\nConfigError(...)") from e
+    except InstantiationException as e:
+        assert one_line(e) == "peft.r=0 must be a whole number >= 1"
+
+
+def _predict(capsys, *args) -> tuple[int, list[str]]:
+    from peftlab import predict
+
+    code = predict.main([str(a) for a in args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_predict_on_a_failed_run_is_one_line(tmp_path, tiny_data, capsys, no_model_loading):
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError):
+        run(make_cfg(run_dir, "train.warmup_ratio=abc", data_dir=tiny_data))
+    assert _predict(capsys, run_dir, "--device", "cpu") == (2, [
+        f"peftlab predict: {run_dir} holds a run that did not finish (status failed: train.warmup_ratio=abc must be a number); "
+        "predict needs a finished run: run it again, or choose another"])
+
+
+def test_predict_on_a_folder_that_is_not_a_run_directory_is_one_line(tmp_path, capsys):
+    assert _predict(capsys, ROOT / "conf") == (2, [
+        f"peftlab predict: {ROOT / 'conf'} is not a run directory (no readable metrics.json); give one that python run.py wrote, "
+        "e.g. outputs/<date>/<time>"])
+    assert _predict(capsys, tmp_path / "nowhere") == (2, [f"peftlab predict: {tmp_path / 'nowhere'}: no such folder; "
+                                                           "give a run directory (outputs/<date>/<time>)"])
+    (tmp_path / "metrics.json").write_text('{"status": "finished"}')
+    (tmp_path / "config.yaml").write_text("model: {}\ndataset: {}\npeft: {_target_: peft.LoraConfig}\n")
+    assert _predict(capsys, tmp_path) == (2, [f"peftlab predict: {tmp_path} has no adapter/ to reload (was it run with "
+                                              "save_adapter=false?); run it again with save_adapter=true"])
