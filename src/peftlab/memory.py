@@ -37,7 +37,9 @@ def synchronize() -> None:
 
 
 class PhaseMeter:
-    """``with meter.phase("train"): ...`` records wall_s and peaks into ``meter.phases["train"]``."""
+    """``with meter.phase("train"): ...`` records wall_s and peaks into ``meter.phases["train"]``, and when
+    the phase started and ended (``start_time``, ``end_time``: Unix seconds, the first entry's start and the
+    last one's end), so that jobs run side by side can be seen to overlap."""
 
     def __init__(self):
         self.phases: dict[str, dict] = {}
@@ -51,11 +53,13 @@ class PhaseMeter:
         per_phase = _reset_cpu_peak()
         start = time.perf_counter()
         record = self.phases.setdefault(name, {})
+        record.setdefault("start_time", round(time.time(), 3))
         try:
             yield record
         finally:
             synchronize()
             record["wall_s"] = round(record.get("wall_s", 0.0) + time.perf_counter() - start, 3)
+            record["end_time"] = round(time.time(), 3)
             record["gpu_peak_alloc_mb"] = round(torch.cuda.max_memory_allocated() / MB, 1) if self.cuda else None
             record["gpu_peak_reserved_mb"] = round(torch.cuda.max_memory_reserved() / MB, 1) if self.cuda else None
             peak = round(_vm_hwm_mb(), 1)
