@@ -69,7 +69,7 @@ SCHEMA: dict[str, dict[str, str]] = {
              "offload_optimizer_nvme_path": "str?", "offload_param_nvme_path": "str?", "zero3_init": "bool",
              "leaf_layers": "bool", "optimizer": "str", "settings": ANY},
     "dataset": {"name": "str", "data_dir": "str?", "format": "str", "files": ANY, "hub": ANY, "text_column": "str",
-                "label_column": "str", "id_column": "str", "labels": ANY, "unlabeled": ANY, "prompt": "str"},
+                "label_column": "str", "id_column": "str?", "labels": ANY, "unlabeled": ANY, "prompt": "str"},
 }
 KINDS = {"int": "a whole number", "number": "a number", "bool": "true or false", "str": "text"}
 # Names people type for a PEFT field under another name (difflib cannot see that rank means r)
