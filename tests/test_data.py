@@ -40,8 +40,10 @@ def test_evaluation_never_sees_a_training_row(tmp_path, tiny_data, split):
 
 def test_check_disjoint_catches_a_leak():
     row = {"id": "1", "text": "a", "label": 0}
-    with pytest.raises(ConfigError, match="also training rows"):
+    with pytest.raises(ConfigError, match="the row with id 2 has the text of the row with id 1"):
         data.check_disjoint([row], [dict(row, id="2")])
+    with pytest.raises(ConfigError, match="the row with id 1 is both trained on and evaluated"):
+        data.check_disjoint([row], [dict(row, text="b")])
 
 
 def test_unlabeled_test_split_falls_back_to_validation(tmp_path, tiny_data):

@@ -1,11 +1,17 @@
 """Classification data: read splits (local folder or hub), choose held-out rows, tokenize, batch.
 
-A row is ``{"id": str, "text": str, "label": int}`` with ``label`` the index into the dataset's
-label names, or -1 for an unlabeled row. What a model sees depends on the task type:
+A row is ``{"id": str, "text": str, "label": int, ...}`` with ``label`` the index into the dataset's
+label names, or -1 for an unlabeled row. ``id`` is the file's ``dataset.id_column`` value, or, for a
+dataset without one, the row's number in its file named by its split (``test:17``, the 17th data row);
+``split``, ``number`` (1-based, header not counted) and ``source`` (the file) say where the row came
+from, ``key`` is its identity (``source`` with the ID, or with the number). What a model sees depends
+on the task type:
 
 * ``seq_cls``: the text; the target is the label index.
 * ``seq2seq``: the prompt (``dataset.prompt``) as encoder input; the target is the label name.
 * ``causal_lm``: prompt followed by the label name and EOS, left-padded; loss on the label tokens only.
+
+An input longer than ``train.max_length`` loses the end of its text, never the prompt's tail.
 """
 
 from __future__ import annotations
@@ -30,6 +36,73 @@ IGNORE = -100
 
 def label_names(ds: DictConfig) -> list[str]:
     return [str(v) for v in ds.labels.values()]
+
+
+# YAML 1.1 reads unquoted yes/no/on/off/true/false as booleans, 1.0 and +1 as 1, 010 as 8 (octal):
+# a label value of dataset.labels or dataset.unlabeled and a file's cell match when YAML reads them as
+# the same value (booleans also in any letter case), so `yes: complaint` matches the file's "yes" or
+# "Yes", `1: complaint` its "1" or "1.0", and `unlabeled: ~` (null) its empty cells.
+_BOOLEANS = {"yes": True, "true": True, "on": True, "no": False, "false": False, "off": False}
+_NULLS = ("", "~", "null")
+
+
+@functools.cache
+def _yaml_scalars():
+    import yaml
+    from omegaconf._utils import get_yaml_loader  # the loader Hydra's config files go through
+
+    return yaml, get_yaml_loader()("")
+
+
+def label_value(value) -> tuple:
+    """The value YAML would read from ``value`` (a config value, or a file's cell as text), comparable."""
+    if value is None:
+        return ("null",)
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, (int, float)):
+        return ("number", value)
+    text = str(value).strip()
+    if text.lower() in _BOOLEANS:
+        return ("bool", _BOOLEANS[text.lower()])
+    if text.lower() in _NULLS:
+        return ("null",)
+    yaml, loader = _yaml_scalars()
+    if loader.resolve(yaml.ScalarNode, text, (True, False)) in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+        return ("number", yaml.load(text, Loader=type(loader)))
+    return ("text", text)
+
+
+def _spelling(value) -> str:
+    """A label value as a user would write it in the YAML."""
+    if value is None:
+        return "~ (an empty cell)"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _label_lookup(ds: DictConfig) -> dict[tuple, int]:
+    """label_value(key) -> label index, with dataset.unlabeled -> -1; ConfigError on names or keys YAML mangled."""
+    lookup: dict[tuple, int] = {}
+    for i, (key, name) in enumerate(ds.labels.items()):
+        if isinstance(name, bool) or name is None:
+            what = f"the YAML boolean {str(name).lower()}" if name is not None else "null"
+            raise ConfigError(f"dataset.labels.{_spelling(key)} is {what}: quote it to name the label "
+                              f"(e.g. {_spelling(key)}: \"{_spelling(name) if name is not None else 'other'}\"), "
+                              "unquoted yes/no/on/off/true/false/~ are not text in YAML")
+        value = label_value(key)
+        if value in lookup:
+            other = list(ds.labels)[lookup[value]]
+            raise ConfigError(f"dataset.labels has {_spelling(other)} and {_spelling(key)}, which YAML reads as the same "
+                              "value; quote the keys (e.g. '01': ...) to keep them apart")
+        lookup[value] = i
+    unlabeled = label_value(ds.unlabeled)
+    if unlabeled in lookup:
+        raise ConfigError(f"dataset.unlabeled={_spelling(ds.unlabeled)} is also a key of dataset.labels; "
+                          "give rows without a label a value of their own")
+    lookup[unlabeled] = -1
+    return lookup
 
 
 def resolve_data_dir(ds: DictConfig, data_root: str | None) -> Path | None:
@@ -61,14 +134,20 @@ def _read_table_cached(path: Path, fmt: str, mtime_ns: int, size: int):
         if fmt == "csv":
             return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
         if fmt == "jsonl":
-            return pd.read_json(path, lines=True, dtype=False).astype(str)
+            return _as_text(pd.read_json(path, lines=True, dtype=False))
         if fmt == "parquet":
-            return pd.read_parquet(path).astype(str)
+            return _as_text(pd.read_parquet(path))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
     except ValueError as e:  # pandas' parser errors and empty files are ValueErrors
         raise ConfigError(f"{path}: cannot be read as {fmt} ({str(e).splitlines()[0]}); fix the file or dataset.format") from None
     raise ConfigError(f"dataset.format={fmt} must be csv, jsonl or parquet")
+
+
+def _as_text(frame):
+    """Every cell as text, a missing one (JSON null, Parquet null, NaN) as the empty text a CSV has there."""
+    frame = frame.astype(object)
+    return frame.where(frame.notna(), "").astype(str)
 
 
 def _read_hub(ds: DictConfig) -> dict:
@@ -82,33 +161,59 @@ def _read_hub(ds: DictConfig) -> dict:
             f"dataset {ds.name}: no local folder and the hub copy {ds.hub.path}/{ds.hub.name} could not be loaded ({first[:160]}); "
             f"set dataset.data_dir=PATH (or PEFTLAB_DATA_DIR) to a local copy"
         ) from None
-    return {split: loaded[split].to_pandas().astype(str) for split in ds.files if split in loaded}
+    return {split: _as_text(loaded[split].to_pandas()) for split in ds.files if split in loaded}
 
 
-def _rows(frame, source: str, ds: DictConfig) -> list[dict]:
+def _rows(frame, source: str, ds: DictConfig, split: str, lookup: dict[tuple, int]) -> list[dict]:
     for key in ("text_column", "label_column"):
         column = ds[key]
         if column not in frame.columns:
             raise ConfigError(f"{source}: no column '{column}' (dataset.{key}); columns are: {', '.join(map(str, frame.columns))}")
     id_column = ds.get("id_column")
-    by_value = {str(k): i for i, k in enumerate(ds.labels)}
+    has_ids = bool(id_column) and id_column in frame.columns
     by_name = {name: i for i, name in enumerate(label_names(ds))}
-    unlabeled = None if ds.unlabeled is None else str(ds.unlabeled)
     texts, raws = frame[ds.text_column].tolist(), frame[ds.label_column].tolist()  # columns once: .iloc per row costs ~25 us
-    ids = frame[id_column].tolist() if id_column and id_column in frame.columns else range(len(texts))
+    ids = [str(v) for v in frame[id_column].tolist()] if has_ids else [f"{split}:{n}" for n in range(1, len(texts) + 1)]
+    if has_ids:
+        _check_ids(ids, source, id_column)
+    labels: dict[str, int] = {}  # a file has few distinct label cells: each is read once
     rows = []
     for i, (text, raw, row_id) in enumerate(zip(texts, raws, ids)):
-        raw = str(raw).strip()
-        label = by_value.get(raw, by_name.get(raw))
-        if label is None and raw == unlabeled:
-            label = -1
+        label = labels.get(raw)
         if label is None:
-            allowed = ", ".join(list(by_value) + ([unlabeled] if unlabeled is not None else []))
-            raise ConfigError(f"{source}: row {i + 1} has label '{raw[:40]}', not one of dataset.labels ({allowed}); fix the file or dataset.labels")
-        rows.append({"id": str(row_id), "text": str(text), "label": label})
+            value = lookup.get(label_value(raw))
+            label = labels[raw] = value if value is not None else by_name.get(str(raw).strip())
+        if label is None:
+            allowed = ", ".join(_spelling(k) for k in ds.labels)
+            raise ConfigError(f"{source}: row {i + 1} has label '{str(raw).strip()[:40]}', not one of dataset.labels ({allowed}) "
+                              f"or dataset.unlabeled ({_spelling(ds.unlabeled)}); fix the file or dataset.labels")
+        rows.append({"id": row_id, "text": str(text), "label": label, "split": split, "number": i + 1, "source": source,
+                     "key": (source, row_id if has_ids else i + 1)})
     if not rows:
         raise ConfigError(f"{source}: the split is empty; give a file with rows")
     return rows
+
+
+def _check_ids(ids: list[str], source: str, column: str) -> None:
+    """Predictions are keyed by ID: each row of a file needs its own."""
+    empty = [n for n, i in enumerate(ids, 1) if not i.strip()]
+    if empty:
+        raise ConfigError(f"{source}: rows {_numbers(empty)} have no {column} (dataset.id_column); fill them in, "
+                          "or set dataset.id_column=null to identify rows by their number")
+    if len(set(ids)) == len(ids):
+        return
+    where: dict[str, list[int]] = {}
+    for n, i in enumerate(ids, 1):
+        where.setdefault(i, []).append(n)
+    repeated = {i: ns for i, ns in where.items() if len(ns) > 1}
+    first, rows = next(iter(repeated.items()))
+    more = f" (and {len(repeated) - 1} more repeated ids: {', '.join(list(repeated)[1:4])})" if len(repeated) > 1 else ""
+    raise ConfigError(f"{source}: id {first} is on rows {_numbers(rows)}{more}; each row needs its own {column} "
+                      "(dataset.id_column): fix the file, or set dataset.id_column=null to identify rows by their number")
+
+
+def _numbers(values: list[int], shown: int = 5) -> str:
+    return ", ".join(map(str, values[:shown])) + (f" and {len(values) - shown} more" if len(values) > shown else "")
 
 
 def load_splits(ds: DictConfig, data_root: str | None = None) -> dict[str, list[dict]]:
@@ -120,7 +225,8 @@ def load_splits(ds: DictConfig, data_root: str | None = None) -> dict[str, list[
         tables = {split: (frame, f"{ds.hub.path}/{ds.hub.name}[{split}]") for split, frame in _read_hub(ds).items()}
     if "train" not in tables:
         raise ConfigError("dataset.files has no 'train' entry; name the training file, e.g. dataset.files.train=train.csv")
-    splits = {split: _rows(frame, source, ds) for split, (frame, source) in tables.items()}
+    lookup = _label_lookup(ds)
+    splits = {split: _rows(frame, source, ds, split, lookup) for split, (frame, source) in tables.items()}
     if not any(r["label"] >= 0 for r in splits["train"]):
         raise ConfigError(f"{tables['train'][1]}: no labelled rows to train on; check dataset.label_column and dataset.labels")
     return splits
@@ -144,20 +250,34 @@ def stratified_folds(rows: list[dict], k: int, seed: int) -> list[list[dict]]:
 
 
 def eval_plan(cfg: DictConfig, splits: dict[str, list[dict]]) -> tuple[str, list[tuple[list[dict], list[dict]]]]:
-    """(name, [(train_rows, eval_rows), ...]): one pair, or one per fold. Eval rows are never train rows."""
+    """(name, [(train_rows, eval_rows), ...]): one pair, or one per fold. Eval rows are never train rows.
+
+    ``eval.split=validation`` evaluates on the dataset's validation file (``dataset.files.validation``)
+    when it has labelled rows, with all of train to train on; else on rows carved from train.
+    """
     train = [r for r in splits["train"] if r["label"] >= 0]
     split = cfg.eval.split
     test = [r for r in splits.get("test", []) if r["label"] >= 0]
     if split == "test" and not test:
-        log.warning("the test split has no labels: evaluating on a validation split carved from train (eval.split=validation)")
+        log.warning("the test split has no labels: evaluating on the validation split (eval.split=validation)")
         split = "validation"
     if split == "test":
         return "test", [(train, test)]
     if split == "validation":
+        given = [r for r in splits.get("validation", []) if r["label"] >= 0]
+        if given:
+            log.info("evaluating on the validation file %s (%d rows, dataset.files.validation); training on all %d train rows",
+                     given[0].get("source", "validation"), len(given), len(train))
+            return "validation", [(train, given)]
+        if "validation" in splits:
+            log.warning("the validation file %s has no labelled rows: carving validation rows from train instead",
+                        splits["validation"][0].get("source", "validation"))
         k = max(2, round(1 / cfg.eval.val_fraction))
-        folds = stratified_folds(train, k, cfg.seed)
-        held = folds[0]
-        return "validation", [([r for r in train if r not in held], held)]
+        held = stratified_folds(train, k, cfg.seed)[0]
+        log.info("evaluating on a validation split carved from train (eval.val_fraction=%s: %d of %d rows; "
+                 "a dataset.files.validation file would be used instead)", cfg.eval.val_fraction, len(held), len(train))
+        taken = {id(r) for r in held}
+        return "validation", [([r for r in train if id(r) not in taken], held)]
     return "kfold", kfold_plan(train, cfg.eval.folds, cfg.seed)
 
 
@@ -169,18 +289,71 @@ def kfold_plan(train: list[dict], k: int, seed: int) -> list[tuple[list[dict], l
     return [([r for j, f in enumerate(folds) if j != i for r in f], fold) for i, fold in enumerate(folds)]
 
 
+def _where(row: dict) -> str:
+    """'test row 12 (id 5301...)': the split and the row's number in its file (1-based, header not counted)."""
+    if "number" not in row:
+        return f"the row with id {row['id']}"
+    return f"{row['split']} row {row['number']} (id {row['id']})"
+
+
 def check_disjoint(train: list[dict], held_out: list[dict]) -> None:
-    """Evaluation must never see a training row (same id or same text)."""
-    ids = {r["id"] for r in train}
-    texts = {r["text"] for r in train}
-    leaked = [r["id"] for r in held_out if r["id"] in ids or r["text"] in texts]
-    if leaked:
-        raise ConfigError(f"{len(leaked)} evaluation rows are also training rows (ids {', '.join(leaked[:3])}); the eval split must be disjoint")
+    """Evaluation must never see a training row: the same row of the same file (same ID, or same row
+    number where there are no IDs), or the same text. The message names the first pair."""
+    rows = {r.get("key", r["id"]): r for r in train}
+    texts: dict[str, dict] = {}
+    for r in train:
+        texts.setdefault(r["text"], r)
+    leaks = []
+    for r in held_out:
+        if r.get("key", r["id"]) in rows:
+            leaks.append(f"{_where(r)} is both trained on and evaluated")
+        elif r["text"] in texts:
+            leaks.append(f"{_where(r)} has the text of {_where(texts[r['text']])}")
+    if leaks:
+        more = f" ({len(leaks)} evaluation rows are also training rows)" if len(leaks) > 1 else ""
+        raise ConfigError(f"{leaks[0]}{more}; the evaluation rows must be disjoint from the training rows: "
+                          "remove the duplicates from one of the files")
+
+
+def doubts(ds: DictConfig, splits: dict[str, list[dict]], plan_name: str, plan: list[tuple[list[dict], list[dict]]]) -> list[str]:
+    """Data that a run can take but probably should not: each a warning (logged, and kept in metrics.json)."""
+    found = []
+    names = label_names(ds)
+    for split, rows in splits.items():
+        source = rows[0].get("source", split)
+        if ds.get("id_column") and isinstance(rows[0].get("key", ("", ""))[1], int):
+            found.append(f"{source}: no column '{ds.id_column}' (dataset.id_column): rows are identified by their number "
+                         f"({rows[0]['id']}, ...); set dataset.id_column=null if the file has no IDs")
+        empty = [r["number"] for r in rows if not r["text"].strip() and "number" in r]
+        if empty:
+            found.append(f"{source}: {len(empty)} rows have no text (dataset.text_column): rows {_numbers(empty)}")
+    train = splits["train"]
+    source = train[0].get("source", "train")
+    labelled = [r for r in train if r["label"] >= 0]
+    if len(labelled) < len(train):
+        found.append(f"{source}: {len(train) - len(labelled)} of {len(train)} rows have no label "
+                     f"(dataset.unlabeled={_spelling(ds.unlabeled)}) and are not trained on")
+    if len(labelled) < 2 * len(names):
+        found.append(f"{source}: only {len(labelled)} labelled training row{'s' if len(labelled) != 1 else ''} "
+                     f"for {len(names)} labels")
+    missing = [names[i] for i in range(len(names)) if i not in {r["label"] for r in labelled}]
+    for name in missing:
+        found.append(f"{source}: no training row has label '{name}'; the model cannot learn it")
+    for fold, (train_rows, _) in enumerate(plan):
+        trained = {r["label"] for r in train_rows}
+        for i, name in enumerate(names):
+            if i not in trained and name not in missing:
+                which = f"fold {fold + 1}" if plan_name == "kfold" else "this split"
+                found.append(f"eval.split={plan_name}: the training rows of {which} have no row labelled '{name}'")
+    for message in found:
+        log.warning(message)
+    return found
 
 
 # ----------------------------------------------------------------------------- tokens
 
-_CACHE: dict[str, list[dict]] = {}
+_CACHE: dict[str, list[dict]] = {}  # content of a list of rows -> its features
+_TOKENS: dict[tuple, dict[str, tuple[list[int], bool]]] = {}  # tokenizer and settings -> text -> (input ids, cut)
 
 
 def eos_id(tokenizer) -> int:
@@ -195,7 +368,11 @@ def class_targets(tokenizer, task: str, names: list[str]) -> list[list[int]]:
 
 
 def encode(rows: list[dict], tokenizer, task: str, prompt: str, names: list[str], max_length: int) -> list[dict]:
-    """Tokenized features, one per row, cached by content (a sweep tokenizes once)."""
+    """Tokenized features, one per row, cached by content (a sweep tokenizes once).
+
+    A feature's ``cut`` says the row's text was shortened to fit ``max_length`` (the prompt around it
+    never is); ConfigError where the prompt alone leaves no room for any text.
+    """
     key = hashlib.sha1(repr((tokenizer.name_or_path, len(tokenizer), task, prompt, names, max_length,
                              [(r["id"], r["text"], r["label"]) for r in rows])).encode()).hexdigest()
     if key not in _CACHE:
@@ -203,21 +380,130 @@ def encode(rows: list[dict], tokenizer, task: str, prompt: str, names: list[str]
     return _CACHE[key]
 
 
+def truncated_rows(splits: dict[str, list[dict]], tokenizer, task: str, prompt: str, names: list[str], max_length: int) -> dict[str, int]:
+    """{split: rows whose text was cut to fit train.max_length}, logged where not 0 (encodes, so later calls hit the cache)."""
+    counts = {}
+    for split, rows in splits.items():
+        counts[split] = sum(f["cut"] for f in encode(rows, tokenizer, task, prompt, names, max_length))
+        if counts[split]:
+            kept = "" if task == "seq_cls" else ", dataset.prompt kept whole"
+            log.info("train.max_length=%d cut the text of %s of %s %s rows (the end of the text%s)", max_length,
+                     f"{counts[split]:,}", f"{len(rows):,}", split, kept)
+    return counts
+
+
 def _encode(rows, tokenizer, task, prompt, names, max_length) -> list[dict]:
+    setting = (tokenizer.name_or_path, len(tokenizer), task, prompt, tuple(names), max_length)
+    if setting not in _TOKENS:
+        _room(tokenizer, task, prompt, names, max_length)  # checks the prompt fits, before anything is cached
+    known = _TOKENS.setdefault(setting, {})  # texts tokenized for earlier lists (a split, then its folds) once
+    todo = list(dict.fromkeys(r["text"] for r in rows if r["text"] not in known))
+    if todo:
+        known.update(zip(todo, _tokenize(todo, tokenizer, task, prompt, names, max_length)))
     if task == "seq_cls":
-        enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=max_length)
-        return [{"row": i, "input_ids": ids, "label": r["label"]} for i, (r, ids) in enumerate(zip(rows, enc["input_ids"]))]
-    prompts = [prompt.format(text=r["text"]) for r in rows]
+        return [{"row": i, "input_ids": known[r["text"]][0], "label": r["label"], "cut": known[r["text"]][1]}
+                for i, r in enumerate(rows)]
     targets = class_targets(tokenizer, task, names)
-    if task == "seq2seq":
-        enc = tokenizer(prompts, truncation=True, max_length=max_length)
-        return [{"row": i, "input_ids": ids, "label": r["label"], "target": targets[r["label"]] if r["label"] >= 0 else None}
-                for i, (r, ids) in enumerate(zip(rows, enc["input_ids"]))]
-    longest = max(len(t) for t in targets)
-    enc = tokenizer(prompts, add_special_tokens=False, truncation=True, max_length=max_length - longest)
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
-    return [{"row": i, "input_ids": bos + ids, "label": r["label"], "target": targets[r["label"]] if r["label"] >= 0 else None}
-            for i, (r, ids) in enumerate(zip(rows, enc["input_ids"]))]
+    return [{"row": i, "input_ids": known[r["text"]][0], "label": r["label"], "cut": known[r["text"]][1],
+             "target": targets[r["label"]] if r["label"] >= 0 else None} for i, r in enumerate(rows)]
+
+
+def _bos(tokenizer, task: str) -> list[int]:
+    if task != "causal_lm" or not getattr(tokenizer, "add_bos_token", False) or tokenizer.bos_token_id is None:
+        return []
+    return [tokenizer.bos_token_id]
+
+
+def _room(tokenizer, task, prompt, names, max_length) -> tuple[int, int]:
+    """(budget, fixed): tokens the input may have (causal: besides BOS and the longest label), and what
+    the prompt with an empty text takes of them. ConfigError where no text would fit."""
+    if task == "seq_cls":
+        fixed = len(tokenizer("")["input_ids"])
+        if fixed >= max_length:
+            raise ConfigError(f"train.max_length={max_length} leaves no room for the text: the special tokens alone take {fixed}; "
+                              f"raise train.max_length")
+        return max_length, fixed
+    try:
+        empty = prompt.format(text="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"dataset.prompt={prompt!r} cannot be filled in ({type(e).__name__}: {e}); "
+                          "write the text's place as {text} and double other braces ({{ }})") from None
+    if empty == prompt.format(text="x"):
+        raise ConfigError(f"dataset.prompt={prompt!r} has no {{text}}: every input would be the same; put {{text}} where the text goes")
+    longest = max(len(t) for t in class_targets(tokenizer, task, names)) if task == "causal_lm" else 0
+    budget = max_length - longest - len(_bos(tokenizer, task))
+    fixed = len(tokenizer(empty, add_special_tokens=task == "seq2seq")["input_ids"])
+    if fixed >= budget:
+        label = f" plus the longest label ({longest})" if longest else ""
+        raise ConfigError(f"train.max_length={max_length} leaves no room for the text: dataset.prompt alone takes {fixed} tokens{label}; "
+                          f"raise train.max_length above {max_length - budget + fixed} or shorten dataset.prompt")
+    return budget, fixed
+
+
+def _tokenize(texts, tokenizer, task, prompt, names, max_length) -> list[tuple[list[int], bool]]:
+    """(input ids, cut) per text: tokenized whole where it fits, else with its text cut at a token boundary."""
+    budget, fixed = _room(tokenizer, task, prompt, names, max_length)
+    if task == "seq_cls":  # the text alone: the tokenizer's own truncation, counted
+        ids = tokenizer(texts, truncation=True, max_length=budget + 1)["input_ids"]
+        over = [i for i, x in enumerate(ids) if len(x) > budget]
+        if over:
+            for i, x in zip(over, tokenizer([texts[i] for i in over], truncation=True, max_length=budget)["input_ids"]):
+                ids[i] = x
+        over = set(over)
+        return [(x, i in over) for i, x in enumerate(ids)]
+    specials = task == "seq2seq"
+    bos = _bos(tokenizer, task)
+    ids = tokenizer([prompt.format(text=t) for t in texts], add_special_tokens=specials, truncation=True,
+                    max_length=budget + 1)["input_ids"]  # +1: a row that fits is tokenized exactly as it is
+    over = [i for i, x in enumerate(ids) if len(x) > budget]
+    if over:
+        for i, x in zip(over, _cut([texts[i] for i in over], tokenizer, prompt, specials, budget, budget - fixed)):
+            ids[i] = x
+    over = set(over)
+    return [(bos + x, i in over) for i, x in enumerate(ids)]
+
+
+def _cut(texts: list[str], tokenizer, prompt: str, specials: bool, budget: int, room: int) -> list[list[int]]:
+    """For each text, the prompt filled with the longest start of it (whole tokens) that fits ``budget``.
+
+    Batched (the tokenizer's per-call overhead is most of the cost for a few dozen rows): the text's
+    first ``room`` tokens from a window of its start (never all of a huge text; grown until the tokens
+    before its last space, which the window's edge cannot change, are enough), the text cut after them,
+    the prompt tokenized around that; a row that still does not fit (a merge across the cut) drops
+    tokens one by one.
+    """
+    windows = [16 * (room + 1)] * len(texts)
+    pieces: list[list] = [[] for _ in texts]  # per text: its tokens' end offsets (fast tokenizers) or its token ids
+    todo = list(range(len(texts)))
+    while todo:
+        parts = [texts[i][:windows[i]] for i in todo]
+        if tokenizer.is_fast:
+            enc = tokenizer(parts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            found = [[end for _, end in offsets] for offsets in enc]
+        else:
+            found = tokenizer(parts, add_special_tokens=False)["input_ids"]
+        again = []
+        for i, part, got in zip(todo, parts, found):
+            pieces[i] = got
+            whole = windows[i] >= len(texts[i])
+            settled = len(got) if whole or not tokenizer.is_fast else sum(end <= part.rstrip().rfind(" ") for end in got)
+            if settled < room and not whole:
+                windows[i] *= 4
+                again.append(i)
+        todo = again
+    keep = [min(room, len(p)) for p in pieces]
+
+    def start(i: int) -> str:
+        if keep[i] <= 0:
+            return ""
+        return texts[i][:pieces[i][keep[i] - 1]] if tokenizer.is_fast else tokenizer.decode(pieces[i][:keep[i]])
+
+    out = tokenizer([prompt.format(text=start(i)) for i in range(len(texts))], add_special_tokens=specials)["input_ids"]
+    for i, ids in enumerate(out):
+        while len(ids) > budget and keep[i] > 0:
+            keep[i] -= max(1, len(ids) - budget)
+            ids = out[i] = tokenizer(prompt.format(text=start(i)), add_special_tokens=specials)["input_ids"]
+    return out
 
 
 def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:

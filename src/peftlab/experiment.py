@@ -107,7 +107,13 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, resume_from) -> dict
     plan_name, plan = data.eval_plan(cfg, splits)
     for train_rows, eval_rows in plan:
         data.check_disjoint(train_rows, eval_rows)
-    record.update(eval_split=plan_name, n_train=len(plan[0][0]), peft_method=peft_method(cfg))
+    warnings = data.doubts(cfg.dataset, splits, plan_name, plan)
+    # every split tokenized once here (cached for the training and evaluation lists): a prompt that leaves
+    # no room for the text fails before any model loads, and the rows whose text was cut are counted
+    truncated = data.truncated_rows(splits, modeling.load_tokenizer(cfg.model), cfg.model.task, cfg.dataset.prompt,
+                                    data.label_names(cfg.dataset), cfg.train.max_length)
+    record.update(eval_split=plan_name, n_train=len(plan[0][0]), peft_method=peft_method(cfg), truncated_rows=truncated,
+                  warnings=warnings)
     validation = None
     single = len(plan) == 1 and not (cfg.eval.select_on == "validation" and plan_name != "kfold")
     if resume_from is not None and not single:
