@@ -315,8 +315,9 @@ def check_disjoint(train: list[dict], held_out: list[dict]) -> None:
                           "remove the duplicates from one of the files")
 
 
-def doubts(ds: DictConfig, splits: dict[str, list[dict]], plan_name: str, plan: list[tuple[list[dict], list[dict]]]) -> list[str]:
-    """Data that a run can take but probably should not: each a warning (logged, and kept in metrics.json)."""
+def doubts(ds: DictConfig, splits: dict[str, list[dict]], plan_name: str, plan: list[tuple[list[dict], list[dict]]],
+           speak: bool = True) -> list[str]:
+    """Data that a run can take but probably should not: each a warning (logged where ``speak``, and kept in metrics.json)."""
     found = []
     names = label_names(ds)
     for split, rows in splits.items():
@@ -345,7 +346,7 @@ def doubts(ds: DictConfig, splits: dict[str, list[dict]], plan_name: str, plan: 
             if i not in trained and name not in missing:
                 which = f"fold {fold + 1}" if plan_name == "kfold" else "this split"
                 found.append(f"eval.split={plan_name}: the training rows of {which} have no row labelled '{name}'")
-    for message in found:
+    for message in found if speak else ():
         log.warning(message)
     return found
 
@@ -380,12 +381,14 @@ def encode(rows: list[dict], tokenizer, task: str, prompt: str, names: list[str]
     return _CACHE[key]
 
 
-def truncated_rows(splits: dict[str, list[dict]], tokenizer, task: str, prompt: str, names: list[str], max_length: int) -> dict[str, int]:
-    """{split: rows whose text was cut to fit train.max_length}, logged where not 0 (encodes, so later calls hit the cache)."""
+def truncated_rows(splits: dict[str, list[dict]], tokenizer, task: str, prompt: str, names: list[str], max_length: int,
+                   speak: bool = True) -> dict[str, int]:
+    """{split: rows whose text was cut to fit train.max_length}, logged where not 0 and ``speak``
+    (encodes every split, so the training and evaluation lists made of them hit the cache)."""
     counts = {}
     for split, rows in splits.items():
         counts[split] = sum(f["cut"] for f in encode(rows, tokenizer, task, prompt, names, max_length))
-        if counts[split]:
+        if counts[split] and speak:
             kept = "" if task == "seq_cls" else ", dataset.prompt kept whole"
             log.info("train.max_length=%d cut the text of %s of %s %s rows (the end of the text%s)", max_length,
                      f"{counts[split]:,}", f"{len(rows):,}", split, kept)

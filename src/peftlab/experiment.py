@@ -107,11 +107,11 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, resume_from) -> dict
     plan_name, plan = data.eval_plan(cfg, splits)
     for train_rows, eval_rows in plan:
         data.check_disjoint(train_rows, eval_rows)
-    warnings = data.doubts(cfg.dataset, splits, plan_name, plan)
+    warnings = data.doubts(cfg.dataset, splits, plan_name, plan, speak=is_main_process())
     # every split tokenized once here (cached for the training and evaluation lists): a prompt that leaves
     # no room for the text fails before any model loads, and the rows whose text was cut are counted
     truncated = data.truncated_rows(splits, modeling.load_tokenizer(cfg.model), cfg.model.task, cfg.dataset.prompt,
-                                    data.label_names(cfg.dataset), cfg.train.max_length)
+                                    data.label_names(cfg.dataset), cfg.train.max_length, speak=is_main_process())
     record.update(eval_split=plan_name, n_train=len(plan[0][0]), peft_method=peft_method(cfg), truncated_rows=truncated,
                   warnings=warnings)
     validation = None
