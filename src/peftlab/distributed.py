@@ -21,8 +21,44 @@ from omegaconf import DictConfig, OmegaConf
 _ZERO3_PARTITIONS: dict = {}  # the last training's, for add_run_figures
 
 
+def cpu_adam_build_dir() -> str | None:
+    """Where DeepSpeed's CPU Adam is about to be compiled (torch extensions' cache: ``TORCH_EXTENSIONS_DIR``,
+    else ~/.cache/torch_extensions/py<ver>_<cpu|cuXYZ>/cpu_adam), or None when no build is due: DeepSpeed
+    was installed with it prebuilt (DS_BUILD_CPU_ADAM=1), this process loaded it already, or the cache holds
+    a build from this DeepSpeed (a build.ninja naming another installation's sources, e.g. another
+    virtualenv's, makes torch build again)."""
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = CPUAdamBuilder()
+    if installed_ops.get(builder.name) or builder.name in getattr(builder, "_loaded_ops", {}):
+        return None
+    folder = _get_build_directory(builder.name, verbose=False)
+    ninja = os.path.join(folder, "build.ninja")
+    source = os.path.abspath(builder.deepspeed_src_path(builder.sources()[0]))
+    with contextlib.suppress(OSError):
+        if os.path.exists(os.path.join(folder, f"{builder.name}.so")) and source in open(ninja).read():
+            return None
+    return folder
+
+
+def note_cpu_adam_build(cfg: DictConfig) -> None:
+    """One line before the optimizer is built, where it is DeepSpeed's CPU Adam and not built yet: its
+    first use compiles C++ for minutes, silently."""
+    target = OmegaConf.select(cfg, "optimizer._target_", default="") or ""
+    if not target.endswith("DeepSpeedCPUAdam") or rank() != 0:
+        return
+    folder = cpu_adam_build_dir()
+    if folder is not None:
+        logging.getLogger("peftlab").info(
+            "building DeepSpeed's CPU Adam once (~4-7 min on a busy 2-core CPU); cached in %s for the next runs "
+            "(TORCH_EXTENSIONS_DIR moves it; zero.optimizer=torch.optim.AdamW needs no build)", folder)
+
+
 def deepspeed_config(cfg: DictConfig) -> dict | None:
     """The DeepSpeed config for this run, or None for zero=none."""
+    note_cpu_adam_build(cfg)
     z = cfg.zero
     if z.stage == 0:
         return None
@@ -40,6 +76,9 @@ def deepspeed_config(cfg: DictConfig) -> dict | None:
         "gradient_clipping": cfg.train.max_grad_norm or 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # zero.optimizer is the optimizer, offloaded or not: without this Accelerate swaps a torch
+        # optimizer for DeepSpeed's CPU Adam under optimizer offload (and DeepSpeed refuses it)
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
