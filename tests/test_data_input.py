@@ -330,6 +330,23 @@ def test_doubtful_data_is_a_warning_in_the_log_and_metrics(tmp_path, no_model_lo
     assert any(warning in w for w in json.loads((tmp_path / "run" / "metrics.json").read_text())["warnings"])
 
 
+def test_a_training_text_repeated_with_another_label_is_a_warning(tmp_path, no_model_loading):
+    folder = write_raft(tmp_path / "data")
+    train = read_rows(folder / "train.csv")
+    train[6][0], train[6][2] = train[1][0], "1" if train[1][2] == "2" else "2"  # row 7: row 2's text, the other label
+    write_table(folder / "train.csv", train)
+    with pytest.raises(ModelLoaded):
+        run(make_cfg(tmp_path / "run", data_dir=folder))
+    warnings = json.loads((tmp_path / "run" / "metrics.json").read_text())["warnings"]
+    assert any("1 training row repeats a text with another label (e.g. train row 7 (id 100006) and train row 2 (id 100001))" in w
+               for w in warnings), warnings
+
+
+def test_a_files_key_no_run_reads_is_refused(tmp_path, tiny_data, no_model_loading):
+    with pytest.raises(ConfigError, match=r"dataset.files.dev: a run reads train, test, validation files only; rename the key"):
+        run(make_cfg(tmp_path / "run", "+dataset.files.dev=test.csv", data_dir=tiny_data))
+
+
 def test_clean_data_has_no_warnings(tmp_path, tiny_data, no_model_loading):
     with pytest.raises(ModelLoaded):
         run(make_cfg(tmp_path / "run", data_dir=tiny_data))

@@ -216,8 +216,16 @@ def _numbers(values: list[int], shown: int = 5) -> str:
     return ", ".join(map(str, values[:shown])) + (f" and {len(values) - shown} more" if len(values) > shown else "")
 
 
+SPLITS = ("train", "test", "validation")
+
+
 def load_splits(ds: DictConfig, data_root: str | None = None) -> dict[str, list[dict]]:
-    """{'train': rows, 'test': rows} read from the local folder, else the hub; validated."""
+    """{'train': rows, 'test': rows, 'validation': rows} (those dataset.files names) read from the local
+    folder, else the hub; validated."""
+    unknown = [split for split in ds.files if split not in SPLITS]
+    if unknown:  # it would be read and checked, then used by nothing
+        raise ConfigError(f"dataset.files.{unknown[0]}: a run reads {', '.join(SPLITS)} files only; "
+                          f"rename the key (a held-out file is dataset.files.validation) or remove it")
     folder = resolve_data_dir(ds, data_root)
     if folder is not None:
         tables = {split: (_read_table(folder / name, ds.format), str(folder / name)) for split, name in ds.files.items()}
@@ -337,6 +345,12 @@ def doubts(ds: DictConfig, splits: dict[str, list[dict]], plan_name: str, plan: 
     if len(labelled) < 2 * len(names):
         found.append(f"{source}: only {len(labelled)} labelled training row{'s' if len(labelled) != 1 else ''} "
                      f"for {len(names)} labels")
+    first: dict[str, dict] = {}
+    clashes = [(first[r["text"]], r) for r in labelled if first.setdefault(r["text"], r)["label"] != r["label"]]
+    if clashes:
+        a, b = clashes[0]
+        found.append(f"{source}: {len(clashes)} training row{'s' if len(clashes) > 1 else ''} repeat{'' if len(clashes) > 1 else 's'} "
+                     f"a text with another label (e.g. {_where(b)} and {_where(a)})")
     missing = [names[i] for i in range(len(names)) if i not in {r["label"] for r in labelled}]
     for name in missing:
         found.append(f"{source}: no training row has label '{name}'; the model cannot learn it")
