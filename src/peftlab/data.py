@@ -462,11 +462,13 @@ def _tokenize(texts, tokenizer, task, prompt, names, max_length) -> list[tuple[l
     budget, fixed = _room(tokenizer, task, prompt, names, max_length)
     if task == "seq_cls":  # the text alone: the tokenizer's own truncation, counted
         ids = tokenizer(texts, truncation=True, max_length=budget + 1)["input_ids"]
-        over = [i for i, x in enumerate(ids) if len(x) > budget]
-        if over:
-            for i, x in zip(over, tokenizer([texts[i] for i in over], truncation=True, max_length=budget)["input_ids"]):
-                ids[i] = x
-        over = set(over)
+        over = {i for i, x in enumerate(ids) if len(x) > budget}
+        tail = _special_tail(tokenizer)
+        for i in over:  # truncated to budget + 1: one token of the text less is the truncation to budget
+            if tail is None:  # left-side truncation: the tokenizer's own, again (tokenizes the whole text again)
+                ids[i] = tokenizer(texts[i], truncation=True, max_length=budget)["input_ids"]
+            else:
+                ids[i] = ids[i][:len(ids[i]) - tail - 1] + ids[i][len(ids[i]) - tail:]
         return [(x, i in over) for i, x in enumerate(ids)]
     specials = task == "seq2seq"
     bos = _bos(tokenizer, task)
@@ -478,6 +480,15 @@ def _tokenize(texts, tokenizer, task, prompt, names, max_length) -> list[tuple[l
             ids[i] = x
     over = set(over)
     return [(bos + x, i in over) for i, x in enumerate(ids)]
+
+
+def _special_tail(tokenizer) -> int | None:
+    """How many special tokens follow the text ([SEP]: 1), or None where truncation cuts the text's start."""
+    if getattr(tokenizer, "truncation_side", "right") != "right":
+        return None
+    text, full = tokenizer("x", add_special_tokens=False)["input_ids"], tokenizer("x")["input_ids"]
+    starts = [i for i in range(len(full) - len(text) + 1) if full[i:i + len(text)] == text]
+    return len(full) - starts[-1] - len(text) if text and starts else None
 
 
 def _cut(texts: list[str], tokenizer, prompt: str, specials: bool, budget: int, room: int) -> list[list[int]]:
