@@ -285,7 +285,8 @@ def check_run_dir(config, run_dir: Path, sweep: bool) -> None:
         raise ValueError(f"cannot write {key}={run_dir} ({e.strerror or e}); choose a writable {key}") from None
     if not writable:
         raise ValueError(f"cannot write {key}={run_dir} (permission denied); choose a writable {key}")
-    if int(os.environ.get("RANK", "0")) == 0:  # one lock per run: its rank 0 (the launcher's parent when there is one)
+    first = int(os.environ.get("RANK", "0")) == 0 and (config.get("launcher") or {}).get("machine_rank", 0) == 0
+    if first:  # one lock per run: its rank 0, or the process that starts machine 0's ranks (launcher.*)
         try:
             hold(run_dir)
         except DirectoryInUse as e:
