@@ -130,3 +130,120 @@ class SweepSummary(Callback):
         os.environ.pop(TOTAL_ENV, None)
         if summary["not_finished"]:
             sys.exit(1)
+
+
+# ----------------------------------------------------------------------------- jobs side by side on Ray
+
+RAY_EXTRA = "pip install -e '.[ray]'"
+
+
+def ray_missing() -> list[str]:
+    """The modules ``hydra/launcher=ray`` needs that are not installed (the ``ray`` extra)."""
+    import importlib.util
+
+    missing = []
+    for module in ("ray", "hydra_plugins.hydra_ray_launcher"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
+
+
+def local_gpus() -> int:
+    """GPUs a local Ray instance would find here (Ray's own count: CUDA_VISIBLE_DEVICES, else the devices)."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    manager = get_accelerator_manager_for_resource("GPU")
+    visible = manager.get_current_process_visible_accelerator_ids()
+    return len(visible) if visible is not None else manager.get_current_node_num_accelerators()
+
+
+def prepare_local_ray(launcher: DictConfig) -> None:
+    """Before ``import ray``, for a Ray instance this sweep starts itself (``ray.init.address`` local or null):
+
+    - its servers (GCS, raylet, workers, the dashboard agent) listen on the loopback address only. Ray 2.60
+      turns ``_node_ip_address=127.0.0.1`` into the machine's routable address and then binds all
+      interfaces; with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (read at ``import ray``) the node address
+      is 127.0.0.1 and every server binds to it;
+    - Ray's token authentication stays on (``RAY_AUTH_MODE=token``; Ray makes ~/.ray/auth_token if
+      missing), also where the environment turned it off.
+    Joining a cluster (``address: auto`` or host:port) changes nothing: that cluster's settings apply.
+    """
+    if launcher.ray.init.get("address") not in (None, "local"):
+        return
+    if "ray" in sys.modules:
+        from ray._private import ray_constants
+
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            log.warning("ray was imported before the sweep: its local instance listens on all interfaces")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        log.warning("RAY_AUTH_MODE=%s ignored: the sweep's own Ray instance keeps token authentication on",
+                    os.environ["RAY_AUTH_MODE"])
+    os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def running_jobs(sweep_dir: Path, since: float) -> int:
+    """Jobs of this sweep whose records say running, written since ``since`` (older ones were left
+    running by an interrupted earlier invocation)."""
+    count = 0
+    for path in sweep_dir.glob("*/metrics.json"):
+        try:
+            if path.stat().st_mtime >= since and (read_json(path) or {}).get("status") == "running":
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+class RaySweep(Callback):
+    """Hydra callback of the Ray launcher presets (conf/hydra/launcher/ray*.yaml, hydra-ray-launcher).
+
+    In the launching process, before the launcher exists: without the ``ray`` extra, one line and exit 2;
+    a local Ray instance is made loopback-only with token authentication (:func:`prepare_local_ray`);
+    ``num_gpus: null`` becomes ``launcher.num_processes`` GPUs a job where this machine has GPUs, else 0;
+    Ray's log deduplication is turned off (it would fold the ``job i/n`` lines of different jobs into one).
+    In each job's Ray worker (this object travels with the job): the sweep's job count for ``job i/n``,
+    and a ``job i/n <status>`` line as the job ends, with the number of jobs still running.
+    At the end the sweep's own Ray instance is shut down (and by Ray's atexit hook on Ctrl-C or an error).
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        missing = ray_missing()
+        if missing:
+            print(f"error: hydra/launcher={config.hydra.runtime.choices.get('hydra/launcher', 'ray')} needs the "
+                  f"ray extra ({', '.join(missing)} not installed): {RAY_EXTRA}", file=sys.stderr)
+            sys.exit(2)
+        self.total, self.since = count_jobs(config), time.time()
+        launcher = config.hydra.launcher
+        prepare_local_ray(launcher)
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        if launcher.ray.remote.get("num_gpus", 0) is None:
+            from omegaconf import open_dict, read_write
+
+            gpus = launcher.ray.init.get("num_gpus")
+            gpus = local_gpus() if gpus is None else gpus
+            with read_write(launcher), open_dict(launcher):
+                launcher.ray.remote.num_gpus = config.launcher.num_processes if gpus else 0
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if getattr(self, "total", None):
+            os.environ[TOTAL_ENV] = str(self.total)  # a worker on another machine has not inherited it
+
+    def on_job_end(self, config: DictConfig, job_return=None, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra = HydraConfig.get()
+        job_dir = Path(hydra.runtime.output_dir)
+        status = (read_json(job_dir / "metrics.json") or {}).get("status", "no record")
+        running = running_jobs(job_dir.parent, getattr(self, "since", 0.0))
+        log.info("job %d/%s %s: %s | %d running", hydra.job.num + 1, self.total or "?", status,
+                 " ".join(hydra.overrides.task) or "(no overrides)", running)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
