@@ -333,19 +333,25 @@ def save_trained(accelerator, model, run_dir: Path) -> None:
 
     An adapter needs its own weights only: under ZeRO-3 just the trainable parameters are gathered
     (a few MB), not the whole model (1.6 GB for bart-large, 14 GB for a 7B model in bf16), which
-    ``accelerator.get_state_dict`` would assemble on rank 0's CPU.
+    ``accelerator.get_state_dict`` would assemble on rank 0's CPU. Either folder also carries the tokenizer
+    and the label names, and names the base model by its hub id (or the path the user gave), not by a path
+    inside one virtualenv (``peftlab.export.describe_saved``).
     """
+    from peftlab.export import describe_saved
+
     unwrapped = accelerator.unwrap_model(model)
     if hasattr(unwrapped, "peft_config"):
         with distributed.gathered([p for p in unwrapped.parameters() if p.requires_grad], enabled=is_zero3(accelerator)):
             if accelerator.is_main_process:
                 with atomic_dir(run_dir / "adapter") as tmp:  # a reader never sees half an adapter
                     unwrapped.save_pretrained(tmp, safe_serialization=True)
+                    describe_saved(tmp, run_dir)
     else:
         state = accelerator.get_state_dict(model)  # every weight trained: the whole model, gathered
         if accelerator.is_main_process:
             with atomic_dir(run_dir / "model") as tmp:
                 unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                describe_saved(tmp, run_dir)
     accelerator.wait_for_everyone()
 
 
