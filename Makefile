@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= $(if $(PEFTLAB_DATA_DIR),1)
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run sweep compare test test-fast lint bench clean
+.PHONY: help install run validate sweep compare test test-fast lint bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ install: ## create .venv and install peftlab with its test tools (CPU torch)
 
 run: ## the main command: ZeRO-3 + CPU offload, LoRA, default model (ARGS=... adds overrides)
 	$(BIN)/python run.py zero=stage3_cpu peft=lora $(ARGS)
+
+validate: ## check a config, its data and launcher without training (ARGS=... as for run; no weights load)
+	$(BIN)/peftlab validate $(ARGS)
 
 sweep: ## a small r x alpha sweep on the tiny model (ARGS=... adds overrides)
 	$(BIN)/python run.py -m model=tiny_bert peft.r=4,8,16 peft.lora_alpha=16,32 $(ARGS)
