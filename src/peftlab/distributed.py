@@ -134,16 +134,33 @@ def make_accelerator(cfg: DictConfig, project_dir: str, log_with: str | None = N
         ensure_process_group_env()
         plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=bool(cfg.zero.zero3_init),
                                  zero3_save_16bit_model=cfg.zero.stage == 3)
-    if not torch.cuda.is_available() and (ds is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        PartialState(backend="gloo")  # on the CPU, Accelerate must know the backend before it counts processes
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not torch.cuda.is_available() and (ds is not None or world > 1):
+        # On the CPU Accelerate must know the backend before it counts processes. Without DeepSpeed it
+        # also needs cpu=True: with cpu=False and no GPU, PartialState joins the ranks' process group but
+        # leaves distributed_type NO (its MULTI_CPU branch is for cpu=True only), so nothing would be
+        # distributed: no DDP, no gradient all-reduce, no barriers, evaluation gathered from rank 0 only.
+        # DeepSpeed wants cpu=False (AcceleratorState turns DeepSpeed off under cpu=True).
+        PartialState(cpu=ds is None, backend="gloo")
     torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.get("tf32", False))  # per run: a sweep's jobs may differ
-    return Accelerator(
+    accelerator = Accelerator(
         deepspeed_plugin=plugin,
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with=log_with,
         project_dir=project_dir,
     )
+    check_distributed(accelerator, world)
+    return accelerator
+
+
+def check_distributed(accelerator: Accelerator, world: int) -> None:
+    """Several ranks must make a distributed Accelerator; else each would train alone on its shard."""
+    from accelerate.utils import DistributedType
+
+    if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
+        raise RuntimeError(f"WORLD_SIZE={world} but Accelerate sees {accelerator.num_processes} process(es), distributed type "
+                           f"{accelerator.distributed_type}: the ranks would not train together")
 
 
 def used_deepspeed_config(accelerator: Accelerator) -> dict | None:
@@ -165,7 +182,11 @@ def reset_state() -> None:
         unset_hf_deepspeed_config()
     except ImportError:
         pass
+    from accelerate.state import GradientState
+
     AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()  # its dataloader_references: a failed training's loaders (and their data)
+    forget_deepspeed_modules()
 
 
 def rank() -> int:
@@ -235,3 +256,37 @@ def add_run_figures(metrics: dict) -> dict:
         metrics["zero3_partitions"] = dict(_ZERO3_PARTITIONS)
     write_json(Path(metrics["run_dir"]) / "metrics.json", metrics)
     return metrics
+
+
+def forget_deepspeed_modules() -> None:
+    """Drop what DeepSpeed keeps at module level of a ZeRO-3 training's model, which otherwise outlives the
+    training (and its GPU memory the job, in an in-process sweep):
+
+    - ``parameter_offload.FWD_MODULE_STACK``: every ZeRO-3 engine appends its top module and never pops it
+      (``setup_zero_stage3_hooks``); a forward that raised also leaves its submodules there;
+    - the ``functools.lru_cache`` on ``PartitionedParameterCoordinator.__params_to_release``, a class-level
+      cache keyed by (coordinator, submodule, step): every coordinator, so every model, that ever trained.
+
+    Only between trainings (no forward runs): both are emptied. Nothing to do where DeepSpeed was never imported.
+    """
+    import sys
+
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is not None:
+        offload.FWD_MODULE_STACK.clear()
+    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    if coordinator is not None:
+        cls = coordinator.PartitionedParameterCoordinator
+        for cache in _lru_caches(vars(cls).get(f"_{cls.__name__}__params_to_release")):
+            cache.cache_clear()
+
+
+def _lru_caches(fn, depth: int = 3) -> list:
+    """The functools caches in ``fn``, through ``__wrapped__`` and closures (DeepSpeed's NVTX wrapper has no wraps)."""
+    if fn is None or depth == 0:
+        return []
+    if hasattr(fn, "cache_clear"):
+        return [fn]
+    inner = [getattr(fn, "__wrapped__", None)] + [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
+                                                   if callable(c.cell_contents)]
+    return [cache for f in inner for cache in _lru_caches(f, depth - 1)]

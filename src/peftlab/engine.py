@@ -212,12 +212,21 @@ def _stop_requested(accelerator, checkpointer, step: int, epoch_end: bool = Fals
 
 def _host_losses(accelerator, losses, step: int) -> list[float]:
     """The epoch's per-batch losses so far, on the host (one sync); Diverged if one is NaN/inf."""
-    values = torch.stack(losses).float().cpu().tolist()
+    values = _global_losses(accelerator, losses)
     bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
     if bad is not None:
         accum = max(1, accelerator.gradient_accumulation_steps)
         raise Diverged(step - (len(values) - 1 - bad) // accum, values[bad])
     return values
+
+
+def _global_losses(accelerator, losses) -> list[float]:
+    """Per-batch losses on the host, averaged over the ranks (a collective when there are several): the
+    loss of the whole step's batch, as one process computes it, not rank 0's share of it."""
+    values = torch.stack(losses).float()
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="mean")
+    return values.cpu().tolist()
 
 
 def _profiler(steps: int):
@@ -241,7 +250,7 @@ def _write_profile(profiler, path) -> None:
 
 
 def _epoch_figures(accelerator, epoch, step, losses, clock, tokens, samples, history) -> dict:
-    values = torch.stack(losses).float().cpu().tolist()  # one host sync per epoch
+    values = _global_losses(accelerator, losses)  # one host sync per epoch
     accum = max(1, accelerator.gradient_accumulation_steps)
     per_step = [sum(values[i:i + accum]) / len(values[i:i + accum]) for i in range(0, len(values), accum)]
     first_step = step - len(per_step)
