@@ -292,6 +292,106 @@ def test_two_processes_train_the_one_process_model_under_every_zero_stage(tmp_pa
     assert [r["prediction"] for r in a] == [r["prediction"] for r in b]
 
 
+# A training script's checkpoint, saved 12 times over 2 processes; rank 1 is slow to write its RNG
+# states, so a rank 0 that does not wait for it renames (or removes) the folder under it.
+SAVE_MANY = """
+import sys, time
+sys.path.insert(0, {root!r})
+from pathlib import Path
+import accelerate.accelerator, torch
+from peftlab import checkpoint, distributed
+from tests.conftest import make_cfg
+
+run_dir = Path(sys.argv[1])
+acc = distributed.make_accelerator(make_cfg(run_dir, {zero!r}), str(run_dir))
+model = torch.nn.Linear(4, 2)
+model, optimizer = acc.prepare(model, torch.optim.AdamW(model.parameters()))
+original = accelerate.accelerator.save_accelerator_state
+def slow_rank_1(*args, **kwargs):
+    if acc.process_index == 1:
+        time.sleep(0.1)
+    return original(*args, **kwargs)
+accelerate.accelerator.save_accelerator_state = slow_rank_1
+saver = checkpoint.Checkpointer(acc, run_dir, every_steps=1, keep_last=2)
+for step in range(1, 13):
+    saver.save({{"epoch": 0, "batch": step, "step": step}})
+"""
+
+
+@pytest.mark.slow
+def test_checkpoint_saves_over_two_processes_wait_for_every_rank(tmp_path):
+    """Each rank writes into the checkpoint's temporary folder; rank 0 renames it only when all have
+    written. It once died in 3 of 9 runs with 'Parent directory .../.step_N.tmp does not exist'."""
+    script = tmp_path / "save_many.py"
+    script.write_text(SAVE_MANY.format(root=str(ROOT), zero="zero=none"))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(distributed.free_port()), str(script), str(tmp_path / "run")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert [f.name for f in folders] == ["step_11", "step_12"]  # no temporary folder left
+    for folder in folders:
+        assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {p.name for p in folder.iterdir()}
+
+
+# Rank 1 of a run dies once rank 0 recorded the run finished (exit code 3 at interpreter exit).
+DIE_AFTER_FINISH = """
+import atexit, json, os, sys, time
+if os.environ.get("RANK") == "1":
+    def die():
+        if not sys.argv[0].endswith(os.path.join("peftlab", "launch.py")):  # a rank: python -m peftlab.launch RUN_DIR
+            return
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if json.load(open(os.path.join(sys.argv[-1], "metrics.json")))["status"] == "finished":
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.1)
+        os._exit(3)
+    atexit.register(die)
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_dying_after_rank_0_finished_fails_the_run(tmp_path, tiny_data):
+    """Any rank's non-zero exit fails the run (status failed, non-zero exit, one line), even when
+    rank 0 had already written finished: it used to end finished, exit 0, with a warning."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(DIE_AFTER_FINISH)
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "launcher.num_processes=2", "zero=none", "model=tiny_bert",
+                             "train.batch_size=4", "train.epochs=1", "logger=null", f"dataset.data_dir={tiny_data}",
+                             f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=env(PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "after rank 0 recorded the run finished" in errors[0], result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "a process exited with code" in metrics["error"]
+
+
+def test_a_rank_error_is_recorded_by_the_parent(tmp_path, tiny_data, monkeypatch):
+    """A rank other than 0 that raised leaves its one-line error; the parent puts it into metrics.json."""
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(run_dir, "launcher.num_processes=2", "model=tiny_bert", data_dir=tiny_data)
+
+    def ranks(cmd):  # rank 0 finished, rank 1 failed afterwards
+        (run_dir / "metrics.json").write_text(json.dumps({"status": "finished", "error": None, "final": {}}))
+        (run_dir / ".rank1.error").write_text("RuntimeError: rank 1 broke\n")
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(launch.subprocess, "run", ranks)
+    with pytest.raises(launch.LaunchFailed, match="rank 1: RuntimeError: rank 1 broke") as failed:
+        launch.relaunch(cfg)
+    assert failed.value.returncode == 1
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["error"].endswith("rank 1: RuntimeError: rank 1 broke")
+    assert not list(run_dir.glob(".rank*.error"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["accelerate", "torchrun", "deepspeed"])
 def test_outside_launchers_give_one_run_directory(tmp_path, tiny_data, launcher):

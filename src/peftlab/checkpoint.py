@@ -112,12 +112,12 @@ class Checkpointer:
         if final.is_dir() and (final / STATE).is_file():  # e.g. a signal right after a scheduled save
             return final
         tmp = self.dir / f".step_{state['step']}.tmp"
-        if acc.is_main_process:
+        if acc.is_main_process:  # an empty folder, before any rank writes its files (RNG states, partitions) into it
             shutil.rmtree(tmp, ignore_errors=True)
-            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))  # a collective under DeepSpeed: every rank writes its partitions
-        acc.wait_for_everyone()
+        acc.wait_for_everyone()  # all ranks wrote: only now may rank 0 rename the folder
         if acc.is_main_process:
             write_json(tmp / STATE, state)
             shutil.rmtree(final, ignore_errors=True)

@@ -116,22 +116,47 @@ def relaunch(cfg: DictConfig) -> dict:
         raise
     if first_machine:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    for stale in run_dir.glob(".rank*.error"):
+        stale.unlink(missing_ok=True)
     cmd = command(cfg, run_dir)
     log.info("launching %d processes on %d machine(s): %s", cfg.launcher.num_processes, cfg.launcher.num_machines, shlex.join(cmd))
     code = subprocess.run(cmd).returncode
+    errors = rank_errors(run_dir, remove=first_machine)
+    see = f"see {run_dir / 'run.log'}"
     if not first_machine:  # machine 0 holds rank 0, which writes the records
         if code != 0:
-            raise LaunchFailed(f"this machine's processes exited with code {code}; see {run_dir / 'run.log'}", code)
+            raise LaunchFailed(f"this machine's processes exited with code {code}: {_joined(errors) or see}", code)
         return {"status": "finished", "final": {}}
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    if code != 0 and metrics.get("status") == "finished":
-        log.warning("a process exited with code %d after the run finished", code)
-    elif code != 0:
-        if metrics.get("status") == "running":  # a rank died before rank 0 could record it
-            metrics.update(status="failed", error=f"a process exited with code {code}; see {run_dir / 'run.log'}")
-            write_json(run_dir / "metrics.json", metrics)
-        raise LaunchFailed(f"{cfg.launcher.num_processes} processes, exit code {code}: {metrics.get('error') or 'see run.log'}", code)
-    return metrics
+    if code == 0:
+        return metrics
+    status = metrics.get("status")
+    others = _joined({r: e for r, e in errors.items() if r != 0 and e != metrics.get("error")})
+    if status in ("finished", "running"):  # rank 0 could not record the failure, or recorded success before it
+        when = "after rank 0 recorded the run finished" if status == "finished" else "before rank 0 could record it"
+        metrics.update(status="failed", error=f"a process exited with code {code} {when}: {others or see}")
+        write_json(run_dir / "metrics.json", metrics)
+    elif status == "failed" and others:  # rank 0 failed too (e.g. its peer vanished mid-collective): lead with the cause
+        metrics.update(error=f"{others} (rank 0: {metrics.get('error')})")
+        write_json(run_dir / "metrics.json", metrics)
+    raise LaunchFailed(f"{cfg.launcher.num_processes} processes, exit code {code}: {metrics.get('error') or 'see run.log'}", code)
+
+
+def rank_errors(run_dir: Path, remove: bool = True) -> dict[int, str]:
+    """{rank: one-line error} that failed ranks left in RUN_DIR/.rank<N>.error (and ``remove`` them)."""
+    errors = {}
+    for path in run_dir.glob(".rank*.error"):
+        try:
+            errors[int(path.name[5:-6])] = path.read_text(encoding="utf-8").strip()
+            if remove:
+                path.unlink()
+        except (OSError, ValueError):
+            continue
+    return dict(sorted(errors.items()))
+
+
+def _joined(errors: dict[int, str]) -> str:
+    return "; ".join(f"rank {r}: {e}" for r, e in errors.items())
 
 
 def setup_logging(run_dir: Path) -> None:
@@ -165,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         else:  # the launcher stops every rank once one exits: let rank 0 record the error first
             wait_for_record(run_dir)
         return 2
+    except Exception as e:  # for the parent: rank 0 alone writes metrics.json (SystemExit: a stop signal, recorded there)
+        from peftlab.experiment import one_line
+
+        (run_dir / f".rank{rank()}.error").write_text(one_line(e) + "\n", encoding="utf-8")
+        raise
     return 0
 
 
