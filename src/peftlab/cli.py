@@ -245,12 +245,18 @@ def composed_choices(cfg: DictConfig) -> str:
 
     m, ds = cfg.model, cfg.dataset
     peft_keys = [str(k) for k in cfg.peft if not str(k).startswith("_")] if cfg.peft else []
+    from peftlab.export import base_model_id
+
     try:
-        source = m.pretrained or "random weights (model.config)"
+        hub_id = base_model_id(m)
+        source = ("random weights (model.config)" if not m.pretrained else
+                  m.pretrained if hub_id == str(m.pretrained) else f"{hub_id} (its packaged copy)")
     except Exception:
         source = OmegaConf.to_container(m, resolve=False).get("pretrained")
     try:
-        data_dir = ds.data_dir or f"{cfg.paths.data_dir}/{ds.name} if it exists, else the hub ({ds.hub.path})"
+        found = ds.data_dir or (Path(str(cfg.paths.data_dir)).expanduser() / ds.name if cfg.paths.data_dir else None)
+        data_dir = found if found and Path(str(found)).expanduser().is_dir() or ds.data_dir else \
+            f"the hub ({ds.hub.path}/{ds.hub.name}; no folder {found})"
     except Exception:
         data_dir = "?"
     return "\n".join([

@@ -168,7 +168,8 @@ def _overrides(run_dir: Path) -> list[str] | None:
 
 
 def _scalars(section: dict, prefix: str) -> list[str]:
-    return [f"{prefix}.{k}={v}" for k, v in (section or {}).items()
+    shown = lambda v: "null" if v is None else str(v).lower() if isinstance(v, bool) else v  # noqa: E731  (as typed)
+    return [f"{prefix}.{k}={shown(v)}" for k, v in (section or {}).items()
             if not k.startswith("_") and (v is None or isinstance(v, (int, float, str, bool)))]
 
 
