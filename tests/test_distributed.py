@@ -332,6 +332,7 @@ def test_checkpoint_saves_over_two_processes_wait_for_every_rank(tmp_path):
     assert [f.name for f in folders] == ["step_11", "step_12"]  # no temporary folder left
     for folder in folders:
         assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {p.name for p in folder.iterdir()}
+        assert json.loads((folder / "trainer_state.json").read_text())["world_size"] == 2
 
 
 # Rank 1 of a run dies once rank 0 recorded the run finished (exit code 3 at interpreter exit).
@@ -390,6 +391,22 @@ def test_a_rank_error_is_recorded_by_the_parent(tmp_path, tiny_data, monkeypatch
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["error"].endswith("rank 1: RuntimeError: rank 1 broke")
     assert not list(run_dir.glob(".rank*.error"))
+
+
+def test_parent_refuses_a_checkpoint_of_another_number_of_processes_before_writing(tmp_path, tiny_data, monkeypatch):
+    """launcher.num_processes=2 on a 1-process run's checkpoint: one line, before any rank starts or any record is written."""
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(run_dir, "launcher.num_processes=2", "model=tiny_bert", data_dir=tiny_data)
+    (run_dir / "checkpoints" / "step_3").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_3" / "trainer_state.json").write_text(json.dumps({"step": 3, "world_size": 1}))
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    (run_dir / "metrics.json").write_text('{"status": "running"}')
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    monkeypatch.setattr(launch.subprocess, "run", lambda cmd: pytest.fail("the ranks started"))
+    with pytest.raises(ConfigError, match=r"written by 1 processes and this run has 2 \(launcher\.num_processes=2\): "
+                                          r"resume with launcher\.num_processes=1, or resume=never"):
+        launch.relaunch(cfg)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from .conftest import ROOT
@@ -122,3 +123,42 @@ def test_a_sweep_killed_midway_reruns_only_its_unfinished_jobs(tmp_path, tiny_da
     assert (sweep / "0" / "metrics.json").read_bytes() == first  # not redone
     assert metrics(sweep / "1")["status"] == "finished" and metrics(sweep / "1").get("resumed_at_step")
     assert "already holds a finished run" in again.stderr + again.stdout
+
+
+@pytest.mark.parametrize("zero", ["none", "stage2"])
+def test_a_two_process_checkpoint_resumes_with_two_processes_only(tmp_path, tiny_data, zero):
+    """Killed after a checkpoint of launcher.num_processes=2, then started again with 1 process: one
+    line naming launcher.num_processes and both sizes, and nothing in the run directory rewritten
+    (its batches are counted per process and ZeRO partitions are per rank: once a loss curve matching
+    neither run under zero=none, a DeepSpeed traceback under stage2). With 2 processes it resumes."""
+    args = [a for a in ARGS if not a.startswith("train.epochs=")] + ["train.epochs=12", f"zero={zero}",
+                                                                      f"dataset.data_dir={tiny_data}", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    run_dir = tmp_path / "run"
+    with open(tmp_path / "two.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "run.py", "launcher.num_processes=2", *args], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_for_checkpoint(run_dir, proc)
+    finally:  # the parent, accelerate launch and the ranks (torchelastic starts each in a session of its own)
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            p.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert metrics(run_dir)["status"] == "running"
+    kept = lambda: {p: p.read_bytes() for p in [run_dir / "metrics.json", run_dir / "config.yaml",
+                                                 *(run_dir / "checkpoints").rglob("*")] if p.is_file()}
+    before = kept()
+    newest = max((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
+    state = json.loads((newest / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+    one = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 2, one.stderr[-3000:]
+    errors = [line for line in one.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "written by 2 processes and this run has 1 (launcher.num_processes=1)" in errors[0], one.stderr[-3000:]
+    assert "resume with launcher.num_processes=2, or resume=never" in errors[0]
+    assert kept() == before
+    two = subprocess.run([sys.executable, "run.py", "launcher.num_processes=2", *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert metrics(run_dir)["status"] == "finished" and metrics(run_dir)["resumed_at_step"] == state["step"]
+    assert len(metrics(run_dir)["loss_curve"]) == 48

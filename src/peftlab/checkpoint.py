@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -63,10 +64,11 @@ def config_differences(cfg: DictConfig, run_dir: Path) -> list[str]:
     return rundir.config_differences(cfg, saved)
 
 
-def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str, tuple[Path, dict] | None]:
+def plan_resume(cfg: DictConfig, run_dir: Path, world_size: int | None = None) -> tuple[str, tuple[Path, dict] | None]:
     """What to do with this run directory: ('skip', None) for a finished run under resume=auto,
     ('resume', (folder, state)) when it has a checkpoint, else ('fresh', None). Raises ConfigError
-    when a checkpoint belongs to a different config."""
+    when a checkpoint belongs to a different config, or to another number of processes than
+    ``world_size`` (default: this process's WORLD_SIZE)."""
     mode = cfg.get("resume", "auto")
     if mode not in ("auto", "never"):
         raise ConfigError(f"resume={mode} must be auto or never")
@@ -88,7 +90,19 @@ def plan_resume(cfg: DictConfig, run_dir: Path) -> tuple[str, tuple[Path, dict] 
     if differs:
         raise ConfigError(f"{run_dir} holds a checkpoint of a run with other settings ({', '.join(differs[:5])}); "
                           "use another hydra.run.dir, or resume=never to start this directory over")
+    check_world_size(found, run_dir, world_size)
     return "resume", found
+
+
+def check_world_size(found: tuple[Path, dict], run_dir: Path, world_size: int | None = None) -> None:
+    """A checkpoint resumes only with the number of processes that wrote it: its data position counts
+    batches per process and DeepSpeed's ZeRO partitions are per rank (not resharded here)."""
+    saved = found[1].get("world_size")  # None: written before it was recorded
+    now = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if saved is not None and saved != now:
+        raise ConfigError(f"{found[0]} was written by {saved} processes and this run has {now} "
+                          f"(launcher.num_processes={now}): resume with launcher.num_processes={saved}, "
+                          "or resume=never to start this directory over")
 
 
 class Checkpointer:
@@ -112,6 +126,7 @@ class Checkpointer:
         if final.is_dir() and (final / STATE).is_file():  # e.g. a signal right after a scheduled save
             return final
         tmp = self.dir / f".step_{state['step']}.tmp"
+        state = {**state, "world_size": acc.num_processes}  # batches and ZeRO partitions are per process
         if acc.is_main_process:  # an empty folder, before any rank writes its files (RNG states, partitions) into it
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

@@ -103,17 +103,31 @@ def _dir_given() -> bool:
 
 
 def relaunch(cfg: DictConfig) -> dict:
-    """Parent: start this machine's ranks and wait; the run's metrics.json once they finished."""
+    """Parent: start this machine's ranks and wait; the run's metrics.json once they finished.
+
+    Decides about the run directory as a rank would (``resume=auto``: a finished run is not redone; a
+    checkpoint of another number of processes is refused) before writing anything into it."""
+    from peftlab import checkpoint
+
     run_dir = Path(cfg.paths.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     first_machine = cfg.launcher.get("machine_rank", 0) == 0
-    record = RunRecord(run_dir, write=first_machine)  # 'running' until rank 0 takes over the file
+    previous = checkpoint.previous_status(run_dir)
+    action = "fresh"
     try:
         check(cfg, _dir_given())
         validate(cfg)
+        if first_machine:
+            action, _ = checkpoint.plan_resume(cfg, run_dir, world_size=cfg.launcher.num_processes)
     except ConfigError as e:
-        record.finish("failed", error=str(e))
+        if previous is None:  # else the directory keeps the earlier run's record
+            RunRecord(run_dir, write=first_machine).finish("failed", error=str(e))
         raise
+    if action == "skip":
+        log.info("%s already holds a finished run (metrics.json): nothing to do; use another hydra.run.dir, "
+                 "or resume=never to run it again", run_dir)
+        return previous
+    RunRecord(run_dir, write=first_machine)  # 'running' until rank 0 takes over the file
     if first_machine:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     for stale in run_dir.glob(".rank*.error"):
