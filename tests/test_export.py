@@ -168,3 +168,20 @@ def test_push_to_hub_offline_fails_in_one_line(tmp_path, monkeypatch):
     assert "\n" not in message and message.startswith("--push-to-hub someone/peftlab-export: the upload failed (")
     assert message.endswith(f"the export is in {tmp_path}: push it later with `huggingface-cli upload someone/peftlab-export "
                             f"{tmp_path}` where the hub is reachable and you are logged in")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peft", ["ia3", "loha", "lokr", "adalora", "none"])
+def test_every_mergeable_method_and_full_fine_tuning_export_for_plain_transformers(tmp_path, tiny_data, peft):
+    from peftlab.experiment import run
+
+    run_dir = tmp_path / "run"
+    assert run(make_cfg(run_dir, "model=tiny_bert", f"peft={peft}", "logger=null", data_dir=tiny_data, epochs=2))["status"] == "finished"
+    what = export.export(run_dir, tmp_path / "export", merge=True)
+    assert what.startswith("the fully fine-tuned model" if peft == "none" else f"the base model with the {peft} adapter merged")
+    assert pointers(tmp_path / "export") == []
+    saved = read_csv(run_dir / "predictions.csv")
+    got = plain_predictions(tmp_path / "export", "merged", [r["text"] for r in saved], cwd=tmp_path)
+    assert got["prediction"] == [r["prediction"] for r in saved]
+    expected = [[float(r[f"logp_{n}"]) for n in NAMES] for r in saved]
+    assert max(abs(a - b) for row, exp in zip(got["logp"], expected) for a, b in zip(row, exp)) < 1e-4
