@@ -217,6 +217,18 @@ def test_each_rank_holds_half_of_the_parameters(two_proc):
 
 
 @pytest.mark.slow
+def test_finished_multi_process_run_is_not_redone(two_proc, tiny_data):
+    """resume=auto: the same launcher.num_processes=2 command again leaves the finished run as it is
+    (the parent used to write 'running' over its record before the ranks could skip it)."""
+    out, _ = two_proc
+    before = (out / "metrics.json").read_bytes()
+    again = run_py(*TWO_PROC, *NO_DROPOUT, "train.epochs=10", "train.lr=5e-2", f"dataset.data_dir={tiny_data}", f"hydra.run.dir={out}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already holds a finished run" in again.stdout + again.stderr and "launching" not in again.stdout + again.stderr
+    assert (out / "metrics.json").read_bytes() == before
+
+
+@pytest.mark.slow
 def test_adapter_saved_under_zero3_is_complete_and_reproduces_the_predictions(two_proc):
     from safetensors.torch import load_file
 
@@ -391,6 +403,22 @@ def test_a_rank_error_is_recorded_by_the_parent(tmp_path, tiny_data, monkeypatch
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["error"].endswith("rank 1: RuntimeError: rank 1 broke")
     assert not list(run_dir.glob(".rank*.error"))
+
+
+def test_rank_0_stopped_after_another_rank_died_records_that_ranks_error(tmp_path, tiny_data, monkeypatch):
+    """The launcher stops rank 0 with SIGTERM once rank 1 died: the run failed, by rank 1's error."""
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(run_dir, "launcher.num_processes=2", "model=tiny_bert", data_dir=tiny_data)
+
+    def ranks(cmd):
+        (run_dir / "metrics.json").write_text(json.dumps({"status": "interrupted", "error": "interrupted by SIGTERM"}))
+        (run_dir / ".rank1.error").write_text("ValueError: bad batch\n")
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(launch.subprocess, "run", ranks)
+    with pytest.raises(launch.LaunchFailed, match=r"rank 1: ValueError: bad batch \(rank 0: interrupted by SIGTERM\)"):
+        launch.relaunch(cfg)
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
 
 
 def test_parent_refuses_a_checkpoint_of_another_number_of_processes_before_writing(tmp_path, tiny_data, monkeypatch):

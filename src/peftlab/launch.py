@@ -150,8 +150,9 @@ def relaunch(cfg: DictConfig) -> dict:
         when = "after rank 0 recorded the run finished" if status == "finished" else "before rank 0 could record it"
         metrics.update(status="failed", error=f"a process exited with code {code} {when}: {others or see}")
         write_json(run_dir / "metrics.json", metrics)
-    elif status == "failed" and others:  # rank 0 failed too (e.g. its peer vanished mid-collective): lead with the cause
-        metrics.update(error=f"{others} (rank 0: {metrics.get('error')})")
+    elif status in ("failed", "interrupted") and others:  # rank 0 failed as its peer vanished mid-collective, or was
+        # stopped by the launcher's SIGTERM once another rank died: that other rank's error is the cause
+        metrics.update(status="failed", error=f"{others} (rank 0: {metrics.get('error')})")
         write_json(run_dir / "metrics.json", metrics)
     raise LaunchFailed(f"{cfg.launcher.num_processes} processes, exit code {code}: {metrics.get('error') or 'see run.log'}", code)
 
