@@ -18,7 +18,7 @@ install: ## create .venv and install peftlab with its test tools (CPU torch)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,sweep]'
+	$(BIN)/pip install -q -e '.[dev,sweep,ray]'
 
 run: ## the main command: ZeRO-3 + CPU offload, LoRA, default model (ARGS=... adds overrides)
 	$(BIN)/python run.py zero=stage3_cpu peft=lora $(ARGS)
