@@ -471,12 +471,17 @@ def test_two_machines_meet_in_one_run_directory(tmp_path, tiny_data):
 
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_run_with_one_line(tmp_path):
-    result = run_py(*TWO_PROC, f"dataset.data_dir={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'run'}")
+    """An error the ranks meet (the parent's validate only checks that the data folder exists)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.csv").write_text("Tweet text,ID\nhello,1\n")
+    (data / "test.csv").write_text("Tweet text,ID,Label\nhi,2,1\n")
+    result = run_py(*TWO_PROC, f"dataset.data_dir={data}", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: 2 processes")]
-    assert len(errors) == 1 and "dataset.data_dir=" in errors[0] and "no such folder" in errors[0]
+    assert len(errors) == 1 and "train.csv: no column 'Label' (dataset.label_column)" in errors[0], result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["status"] == "failed" and "no such folder" in metrics["error"]
+    assert metrics["status"] == "failed" and "no column 'Label'" in metrics["error"]
 
 
 # --- sweeps of multi-process jobs -----------------------------------------------------------
