@@ -220,3 +220,18 @@ def test_a_sweep_on_a_running_ray_cluster(tmp_path, tiny_data):
             except ProcessLookupError:
                 pass
     assert not no_ray_left()
+
+
+@pytest.mark.slow
+@needs_ray
+def test_optuna_trials_run_side_by_side_on_ray(tmp_path, tiny_data):
+    """hydra.sweeper.n_jobs=2: the Optuna sweeper hands the launcher two trials at a time."""
+    result = run_py("-m", "experiment=optuna_lora", "hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2",
+                    "model=tiny_bert", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "eval.folds=2", "train.epochs=1",
+                    "logger=null", f"dataset.data_dir={tiny_data}", f"hydra.sweep.dir={tmp_path}")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert out.count("Ray Launcher is launching 2 jobs") == 1  # both trials in one batch
+    assert statuses(tmp_path) == {0: "finished", 1: "finished"}
+    assert re.search(r"job 2/2 finished: ", out) and "best_value" in (tmp_path / "optimization_results.yaml").read_text()
+    assert not no_ray_left()

@@ -242,6 +242,8 @@ class RaySweep(Callback):
         running = running_jobs(job_dir.parent, getattr(self, "since", 0.0))
         log.info("job %d/%s %s: %s | %d running", hydra.job.num + 1, self.total or "?", status,
                  " ".join(hydra.overrides.task) or "(no overrides)", running)
+        if not running:  # maybe the last job: Ray forwards workers' output with a delay (its log monitor polls
+            time.sleep(1.0)  # files), and output not forwarded when the sweep ends Ray never reaches the terminal
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         ray = sys.modules.get("ray")
