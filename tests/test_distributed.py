@@ -132,6 +132,28 @@ def test_several_machines_need_a_shared_run_directory(tmp_path, monkeypatch):
     launch.check(cfg)
 
 
+@pytest.mark.parametrize("visible", [None, "4,5,6,7"])
+def test_machines_sharing_one_host_take_gpus_of_their_own(tmp_path, monkeypatch, visible):
+    """Two one-process "machines" on one host with two GPUs both took GPU 0 (NCCL: invalid usage)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4 if visible else 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    if visible:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    here = ["launcher.num_processes=2", "launcher.num_machines=2", "launcher.main_process_ip=127.0.0.1"]
+    ids = (visible or "0,1").split(",")
+    assert [launch.machine_gpus(make_cfg(tmp_path, *here, f"launcher.machine_rank={m}")) for m in (0, 1)] == ids[:2]
+    four = ["launcher.num_processes=4", "launcher.num_machines=2", "launcher.main_process_ip=localhost", "launcher.machine_rank=1"]
+    if visible:
+        assert launch.machine_gpus(make_cfg(tmp_path, *four)) == "6,7"
+    else:
+        with pytest.raises(ConfigError, match=r"launcher.machine_rank=1 runs on the host of machine 0 .* needs GPUs 2..3"):
+            launch.check(make_cfg(tmp_path, *four))
+    elsewhere = ["launcher.num_processes=2", "launcher.num_machines=2", "launcher.main_process_ip=10.0.0.1", "launcher.machine_rank=1"]
+    assert launch.machine_gpus(make_cfg(tmp_path, *elsewhere)) is None  # a machine of its own numbers its GPUs from 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert launch.machine_gpus(make_cfg(tmp_path, *here, "launcher.machine_rank=1")) is None  # CPU ranks
+
+
 def test_the_ranks_are_started_by_accelerate_launch_reading_the_run_directory(tmp_path):
     cfg = make_cfg(tmp_path, "launcher.num_processes=16", "launcher.num_machines=2", "launcher.machine_rank=1",
                    "launcher.main_process_ip=10.0.0.1")

@@ -75,6 +75,43 @@ def check(cfg: DictConfig, shared_dir_given: bool = True) -> None:
         raise ConfigError(f"launcher.num_processes={n} starts {n // machines} processes on this machine, one per GPU, but it has "
                           f"{gpus} GPU(s) visible: use launcher.num_processes={gpus * machines}, or set CUDA_VISIBLE_DEVICES= "
                           "to run them on the CPU")
+    machine_gpus(cfg)  # several "machines" on this one host: each needs GPUs of its own
+
+
+def _is_this_host(address: str) -> bool:
+    """Whether ``address`` (machine 0's) names this host: a loopback address or one of its interfaces'."""
+    import ipaddress
+    import socket
+
+    import psutil
+
+    try:
+        ips = {info[4][0] for info in socket.getaddrinfo(address, None)}
+    except OSError:
+        return False
+    own = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return any(ipaddress.ip_address(ip).is_loopback or ip in own for ip in ips)
+
+
+def machine_gpus(cfg: DictConfig) -> str | None:
+    """CUDA_VISIBLE_DEVICES for this machine's ranks when several "machines" of one run share this host
+    (``launcher.num_machines`` > 1 with machine 0's address on this host, e.g. 127.0.0.1): machine m's
+    k ranks take the visible GPUs m*k .. m*k+k-1, since each machine numbers its ranks' GPUs from 0 and
+    two ranks of one run on one GPU fail in NCCL ("invalid usage"). None when nothing needs changing
+    (one machine, another host, or no GPU). ConfigError when this host has too few GPUs."""
+    la = cfg.launcher
+    gpus = torch.cuda.device_count()
+    if la.num_machines == 1 or not gpus or not la.main_process_ip or not _is_this_host(str(la.main_process_ip)):
+        return None
+    k, m = la.num_processes // la.num_machines, la.machine_rank
+    if (m + 1) * k > gpus:
+        raise ConfigError(f"launcher.machine_rank={m} runs on the host of machine 0 (launcher.main_process_ip={la.main_process_ip}), "
+                          f"whose machines share its {gpus} GPU(s): machine {m} needs GPUs {m * k}..{(m + 1) * k - 1}; "
+                          "give each machine its own GPUs (fewer processes, or CUDA_VISIBLE_DEVICES=...), or set "
+                          "CUDA_VISIBLE_DEVICES= to run on the CPU")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(gpus)]
+    return ",".join(ids[m * k:(m + 1) * k])
 
 
 def command(cfg: DictConfig, run_dir: Path) -> list[str]:
@@ -134,7 +171,9 @@ def relaunch(cfg: DictConfig) -> dict:
         stale.unlink(missing_ok=True)
     cmd = command(cfg, run_dir)
     log.info("launching %d processes on %d machine(s): %s", cfg.launcher.num_processes, cfg.launcher.num_machines, shlex.join(cmd))
-    code = subprocess.run(cmd).returncode
+    devices = machine_gpus(cfg)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices) if devices is not None else None
+    code = subprocess.run(cmd, env=env).returncode
     errors = rank_errors(run_dir, remove=first_machine)
     see = f"see {run_dir / 'run.log'}"
     if not first_machine:  # machine 0 holds rank 0, which writes the records
