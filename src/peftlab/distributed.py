@@ -134,6 +134,7 @@ def make_accelerator(cfg: DictConfig, project_dir: str, log_with: str | None = N
         ensure_process_group_env()
         plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=bool(cfg.zero.zero3_init),
                                  zero3_save_16bit_model=cfg.zero.stage == 3)
+        plugin.deepspeed_config["steps_per_print"] = ds["steps_per_print"]  # Accelerate sets inf: not standard JSON
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not torch.cuda.is_available() and (ds is not None or world > 1):
         # On the CPU Accelerate must know the backend before it counts processes. Without DeepSpeed it

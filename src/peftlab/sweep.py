@@ -122,8 +122,9 @@ class SweepSummary(Callback):
         summary = summarize(read_jobs(sweep_dir), time.perf_counter() - getattr(self, "start", time.perf_counter()))
         (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
         share = summary["outside_train_eval"]
-        log.info("sweep %s: %d jobs, %d finished, %d not finished %s | %.0f s, %s outside the jobs' train/eval phases",
-                 sweep_dir, summary["jobs"], summary["finished"], summary["not_finished"], summary["statuses"],
+        skipped = f", {summary['skipped_finished']} skipped as already finished" if summary.get("skipped_finished") else ""
+        log.info("sweep %s: %d jobs, %d finished, %d not finished %s%s | %.0f s, %s outside the jobs' train/eval phases",
+                 sweep_dir, summary["jobs"], summary["finished"], summary["not_finished"], summary["statuses"], skipped,
                  summary["wall_s"], f"{share:.0%}" if share is not None else "n/a")
         for job in summary["failed"]:
             log.error("  %s: %s %s", job["run_dir"], job["status"], job["error"] or "")
