@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from transformers import get_linear_schedule_with_warmup
 from peftlab import checkpoint, data, distributed, engine, modeling
 from peftlab.config import ConfigError, peft_method, validate
 from peftlab.distributed import is_zero3, make_accelerator, reset_state, used_deepspeed_config
-from peftlab.memory import PhaseMeter
+from peftlab.memory import PhaseMeter, free_job_memory, gpu_allocated_mb, release_failed_job
 from peftlab.metrics import classification_figures
 from peftlab.rundir import RunRecord, atomic_dir, write_csv, write_json
 
@@ -69,6 +70,7 @@ def run(cfg: DictConfig) -> dict:
             log.info("resuming from %s (epoch %d, batch %d, optimizer step %d)", resume_from[0], resume_from[1]["epoch"],
                      resume_from[1]["batch"], resume_from[1]["step"])
     engine.STOP.requested = None
+    gpu_before = gpu_allocated_mb()  # and after the job's cleanup: an in-process sweep must not pile up models
     try:
         with engine.STOP.active():
             result = _run(cfg, run_dir, record, resume_from)
@@ -90,7 +92,10 @@ def run(cfg: DictConfig) -> dict:
         record.finish("failed", error=one_line(e))
         raise
     finally:
+        release_failed_job(sys.exc_info()[1])  # its traceback's frames hold the job's model and engine
         reset_state()
+        free_job_memory()  # the job's reference cycles, now: the next job's gc.freeze() would keep them for good
+        record.update(gpu_allocated_mb_before=gpu_before, gpu_allocated_mb_after=gpu_allocated_mb())
     record.finish("finished", **result)
     if is_main_process():
         checkpoint.clear(run_dir)  # only for resuming; the run's result is adapter/ and the records
@@ -289,7 +294,11 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
             save_trained(accelerator, model, run_dir)
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group the next training reuses
         tracker.finish()
-    accelerator.free_memory()  # also gc.collect() and empties the CUDA cache: GPU memory back to its baseline
+    # Nothing of this training may outlive it (the next fold; the next job of a sweep): this frame lets go of it
+    # first (predict closes over model), so that free_memory()'s gc.collect() frees it now; free_memory() also
+    # destroys the DeepSpeed engine (its hooks), empties Accelerate's lists and the CUDA cache.
+    model = optimizer = scheduler = train_dl = eval_dls = checkpointer = predict = None
+    accelerator.free_memory()
     return result
 
 

@@ -90,3 +90,61 @@ class StepClock:
             self.marks[-1].synchronize()
             return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def gpu_allocated_mb() -> float | None:
+    """GPU memory held by tensors now (``torch.cuda.memory_allocated``), None without a GPU; no sync, cheap."""
+    return round(torch.cuda.memory_allocated() / MB, 1) if torch.cuda.is_available() else None
+
+
+def release_failed_job(error: BaseException | None) -> None:
+    """What a failed job's exception (and the exceptions chained to it) still holds, let go.
+
+    Its traceback's frames hold the job's locals (model, optimizer, Accelerator, DeepSpeed engine), and
+    whoever keeps the exception after the job (Hydra's JobReturn, a logging handler that keeps records,
+    pytest, ``sys.last_exc`` in a notebook) would keep them, on the GPU, through the next jobs. The failed
+    training never reached its own cleanup, so each Accelerator found in those frames gets it here
+    (``free_memory()``: the DeepSpeed engine's ``destroy()`` removes the gradient hooks whose closures hold
+    the engine from inside autograd, where the garbage collector cannot see them), then the finished
+    frames are cleared. A cleared frame still keeps the function it ran, so a closure that one of the failed
+    calls made and that failed inside itself would keep what it closes over (``predict`` over ``model`` in
+    ``fit_and_evaluate``, torch's per-call ``Module._call_impl.<locals>.inner`` over the module): the cells of
+    closures made by the traceback's own frames are emptied too. The traceback still reads the same (files,
+    lines, functions); frames still running are left as they are.
+    """
+    import gc
+    import traceback
+    import types
+
+    from accelerate import Accelerator
+
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        frames = [frame for frame, _ in traceback.walk_tb(e.__traceback__) if frame.f_code.co_name != "<module>"]
+        made_here = {c for frame in frames for c in frame.f_code.co_consts if isinstance(c, types.CodeType)}
+        for frame in frames:
+            running = [f for f in gc.get_referents(frame) if isinstance(f, types.FunctionType)]  # the frame's function
+            for value in [*frame.f_locals.values(), *running]:
+                if isinstance(value, Accelerator) and id(value) not in seen:
+                    seen.add(id(value))
+                    value.free_memory()
+                elif isinstance(value, types.FunctionType) and value.__code__ in made_here:
+                    for cell in value.__closure__ or ():  # a closure the failed calls made for themselves
+                        cell.cell_contents = None
+        traceback.clear_frames(e.__traceback__)
+        for frame in frames:
+            frame.f_locals  # noqa: B018  reading f_locals above left a copy of them on the frame; reading it again drops it
+        stack += [e.__cause__, e.__context__]
+
+
+def free_job_memory() -> None:
+    """After a job has let go of its objects: collect their reference cycles (a DeepSpeed engine and its model
+    hold each other through hooks), so that they are freed now and not frozen into the permanent generation
+    by the next job's ``gc.freeze()`` (peftlab.cli), and return the freed blocks of the device's cache."""
+    from accelerate.utils.memory import clear_device_cache
+
+    clear_device_cache(garbage_collection=True)
