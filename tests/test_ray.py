@@ -185,6 +185,9 @@ def test_a_sweep_on_a_running_ray_cluster(tmp_path, tiny_data):
     import psutil
 
     port, log = free_port(), tmp_path / "head.log"
+    # `ray start` records its address for ray.init(address="auto") on this machine; put back what was there
+    address_file = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    before = address_file.read_text() if address_file.is_file() else None
     env = {**os.environ, **LOOPBACK}
     with open(log, "wb") as f:
         head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
@@ -219,6 +222,8 @@ def test_a_sweep_on_a_running_ray_cluster(tmp_path, tiny_data):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if address_file.is_file() and address_file.read_text().strip() == f"127.0.0.1:{port}":
+            address_file.write_text(before) if before is not None else address_file.unlink()
     assert not no_ray_left()
 
 
