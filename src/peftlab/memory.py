@@ -148,3 +148,5 @@ def free_job_memory() -> None:
     from accelerate.utils.memory import clear_device_cache
 
     clear_device_cache(garbage_collection=True)
+    if torch.cuda.is_available():  # cuBLAS's per-stream workspaces (~32 MB each on Hopper) come from the
+        torch._C._cuda_clearCublasWorkspaces()  # same allocator: a job's first matmul makes them, none frees them
