@@ -413,7 +413,7 @@ def test_a_rank_error_is_recorded_by_the_parent(tmp_path, tiny_data, monkeypatch
     run_dir = tmp_path / "run"
     cfg = make_cfg(run_dir, "launcher.num_processes=2", "model=tiny_bert", data_dir=tiny_data)
 
-    def ranks(cmd):  # rank 0 finished, rank 1 failed afterwards
+    def ranks(cmd, **kwargs):  # rank 0 finished, rank 1 failed afterwards
         (run_dir / "metrics.json").write_text(json.dumps({"status": "finished", "error": None, "final": {}}))
         (run_dir / ".rank1.error").write_text("RuntimeError: rank 1 broke\n")
         return subprocess.CompletedProcess(cmd, 1)
@@ -432,7 +432,7 @@ def test_rank_0_stopped_after_another_rank_died_records_that_ranks_error(tmp_pat
     run_dir = tmp_path / "run"
     cfg = make_cfg(run_dir, "launcher.num_processes=2", "model=tiny_bert", data_dir=tiny_data)
 
-    def ranks(cmd):
+    def ranks(cmd, **kwargs):
         (run_dir / "metrics.json").write_text(json.dumps({"status": "interrupted", "error": "interrupted by SIGTERM"}))
         (run_dir / ".rank1.error").write_text("ValueError: bad batch\n")
         return subprocess.CompletedProcess(cmd, 1)
@@ -452,7 +452,7 @@ def test_parent_refuses_a_checkpoint_of_another_number_of_processes_before_writi
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     (run_dir / "metrics.json").write_text('{"status": "running"}')
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    monkeypatch.setattr(launch.subprocess, "run", lambda cmd: pytest.fail("the ranks started"))
+    monkeypatch.setattr(launch.subprocess, "run", lambda cmd, **kwargs: pytest.fail("the ranks started"))
     with pytest.raises(ConfigError, match=r"written by 1 processes and this run has 2 \(launcher\.num_processes=2\): "
                                           r"resume with launcher\.num_processes=1, or resume=never"):
         launch.relaunch(cfg)

@@ -12,26 +12,14 @@ import logging
 import os
 import platform
 import sys
-import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from peftlab.config import ConfigError
+from peftlab.logs import quiet_libraries, quiet_other_ranks
 
 log = logging.getLogger("peftlab")
-
-
-def quiet_libraries() -> None:
-    """Keep the libraries' start-up chatter out of the run log; their errors still show."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed", "compilers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_job(cfg: DictConfig) -> float | None:
@@ -58,7 +46,7 @@ def run_job(cfg: DictConfig) -> float | None:
 
     distributed.forget_inherited_process_group_env()
     distributed.env_from_submitit()  # a task of a multi-task submitit/SLURM job is one rank
-    distributed.quiet_other_ranks()
+    quiet_other_ranks()
     quiet_libraries()
     from peftlab.experiment import run
 

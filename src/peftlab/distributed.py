@@ -212,13 +212,6 @@ def env_from_submitit() -> None:
                       MASTER_PORT=str(port))
 
 
-def quiet_other_ranks() -> None:
-    """Ranks other than 0 log warnings and errors only (rank 0 speaks for the run)."""
-    if rank() != 0:
-        for name in ("", "submitit"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def gathered(params, enabled: bool):
     """Under ZeRO-3 (``enabled``), ``params`` whole on every rank inside the block (read-only; a collective)."""
     if not enabled:

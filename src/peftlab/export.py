@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # export loads on the CPU; DeepSpeed (imported by PEFT) says so once otherwise
-        from peftlab.cli import quiet_libraries
+        from peftlab.logs import quiet_libraries
 
         quiet_libraries()
         import transformers

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from peftlab.cli import quiet_libraries
 from peftlab.config import ConfigError, validate
-from peftlab.distributed import add_run_figures, free_port, quiet_other_ranks, rank
+from peftlab.distributed import add_run_figures, free_port, rank
+from peftlab.logs import quiet_libraries, quiet_other_ranks
 from peftlab.rundir import RunRecord, read_json, write_json
 
 log = logging.getLogger("peftlab")

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_run_dir(args.run_dir)  # before torch and the model load: a wrong folder is reported at once
         saved = _saved_config(args.run_dir)
-        from peftlab.cli import quiet_libraries
+        from peftlab.logs import quiet_libraries
 
         quiet_libraries()
         import transformers
