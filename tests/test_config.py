@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -33,6 +35,31 @@ def test_every_option_composes_and_validates(tmp_path, group, option):
     validate(cfg)
     first_line = (CONF / group / f"{option}.yaml").read_text().splitlines()[0]
     assert first_line.startswith("# python run.py"), f"{group}/{option}.yaml should open with the command that uses it"
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_validates(tmp_path, experiment):
+    cfg = make_cfg(tmp_path, f"experiment={experiment}")
+    OmegaConf.to_container(cfg, resolve=True)
+    validate(cfg)
+    text = (CONF / "experiment" / f"{experiment}.yaml").read_text().splitlines()
+    assert text[0] == "# @package _global_" and text[1].startswith("# python run.py"), f"experiment/{experiment}.yaml"
+
+
+@pytest.mark.parametrize("launcher", sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml")))
+def test_every_launcher_preset_composes(tmp_path, launcher):
+    """hydra/launcher=NAME as `python run.py -m` composes it (ray_callback is ray's part, not a preset)."""
+    from hydra import compose, initialize_config_dir
+
+    if launcher == "ray_callback":
+        return
+    text = (CONF / "hydra" / "launcher" / f"{launcher}.yaml").read_text()
+    assert text.splitlines()[0].startswith("# python run.py")
+    if launcher.startswith("ray") and importlib.util.find_spec("ray") is None:
+        pytest.skip("the ray extra is not installed")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
 
 
 @pytest.mark.parametrize("model", [m for m in GROUPS["model"]])
