@@ -165,3 +165,22 @@ def test_a_sweep_of_other_config_values_behind_the_same_overrides_is_refused(tmp
     rundir.release(tmp_path)
     rundir.check_run_dir(old, tmp_path, sweep=True)  # the same sweep may use it (resume)
     rundir.release(tmp_path)
+
+
+def test_compare_bench_and_the_last_line_report_the_same_figures_for_one_record():
+    """One reader of metrics.json (rundir.headline): the GPU peak is the highest over all phases for all three."""
+    from peftlab import bench, compare
+    from peftlab.experiment import summary_line
+
+    metrics = {"status": "finished", "run_dir": "runs/x", "wall_s": 12.5, "time_to_first_step_s": 3.2,
+               "final": {"split": "test", "accuracy": 0.75, "macro_f1": 0.7, "n_eval": 20},
+               "phases": {"setup": {"gpu_peak_alloc_mb": 900.0, "cpu_peak_rss_mb": 1500.0},
+                          "train": {"gpu_peak_alloc_mb": 1200.5, "cpu_peak_rss_mb": 1400.0, "s_per_step": 0.25, "tokens_per_s": 900.0},
+                          "eval": {"gpu_peak_alloc_mb": 1100.0, "cpu_peak_rss_mb": 1300.0},
+                          "save": {"gpu_peak_alloc_mb": 1300.0, "cpu_peak_rss_mb": 1450.0}}}
+    row, bench_row, line = compare.run_metrics(metrics), bench.peftlab_row(metrics, "stage3"), summary_line(metrics)
+    assert row["gpu_peak_mb"] == bench_row["gpu_peak_mb"] == rundir.headline(metrics)["gpu_peak_mb"] == 1300.0
+    assert "GPU peak 1300 MB, CPU peak 1500 MB" in line
+    assert row["cpu_peak_mb"] == bench_row["cpu_peak_mb"] == 1500.0
+    assert row["s_per_step"] == bench_row["s_per_step"] == 0.25 and "0.25 s/step, 900.0 tokens/s" in line
+    assert bench_row["time_to_first_step_s"] == 3.2

@@ -41,7 +41,7 @@ from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
-from peftlab.rundir import read_json
+from peftlab.rundir import headline, read_json
 
 # Variant name -> Hydra overrides on top of BASE_OVERRIDES (ZeRO settings live in conf/zero/*.yaml).
 VARIANTS: dict[str, list[str]] = {
@@ -192,22 +192,16 @@ def peftlab_row(metrics: dict, variant: str, eval_mode: str = "score") -> dict:
     phases = metrics.get("phases") or {}
     final = metrics.get("final") or {}
     eval_wall = _get(phases, "eval", "wall_s")
-    first_step = next((v for v in (metrics.get("time_to_first_step_s"), _get(phases, "train", "time_to_first_step_s"),
-                                   final.get("time_to_first_step_s")) if v is not None), None)
+    figures = headline(metrics)  # as the run's last line and peftlab compare read the record
     return {
         "runner": "peftlab", "config": variant, "guide_config": guide_config_for(variant),
         "status": metrics.get("status", "missing"), "error": metrics.get("error"),
-        "s_per_step": _get(phases, "train", "s_per_step"),
-        "tokens_per_s": _get(phases, "train", "tokens_per_s"),
-        "gpu_peak_mb": _max(p.get("gpu_peak_alloc_mb") for p in phases.values()),
-        "gpu_peak_reserved_mb": _max(p.get("gpu_peak_reserved_mb") for p in phases.values()),
-        "cpu_peak_mb": _max(p.get("cpu_peak_rss_mb") for p in phases.values()),
+        **{k: figures[k] for k in ("s_per_step", "tokens_per_s", "gpu_peak_mb", "gpu_peak_reserved_mb", "cpu_peak_mb",
+                                   "accuracy", "time_to_first_step_s")},
         "eval_s_score": final.get("eval_s_score", eval_wall if eval_mode == "score" else None),
         "eval_s_generate": final.get("eval_s_generate", eval_wall if eval_mode == "generate" else None),
         "eval_rows": final.get("n_eval"),
         "agreement": final.get("agreement"), "generate_exact": final.get("generate_exact"),
-        "accuracy": final.get("accuracy"),
-        "time_to_first_step_s": first_step,
         "phase_wall_s": {k: p.get("wall_s") for k, p in phases.items()},
         "run_wall_s": metrics.get("wall_s"),
         "epochs": [{k: e.get(k) for k in ("epoch", "s_per_step", "tokens_per_s", "loss")} for e in metrics.get("epochs") or []],

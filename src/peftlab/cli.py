@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -56,7 +55,7 @@ def run_job(cfg: DictConfig) -> float | None:
 
     try:
         # launcher.num_processes=N: this process starts N ranks and waits; else it is the (or a) rank
-        metrics = launch.relaunch(cfg) if launch.requested(cfg) else distributed.add_run_figures(run(cfg))
+        metrics = launch.relaunch(cfg) if launch.requested(cfg) else run(cfg)
     except (ConfigError, launch.LaunchFailed) as e:
         return _failed_job(e, multirun)
     except Exception as e:
@@ -119,10 +118,7 @@ def record_config_error(cfg: DictConfig, error: ConfigError) -> None:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # what compare shows for the failed run
     except OmegaConfBaseException:
         pass
-    now = rundir.now()
-    rundir.write_json(run_dir / "metrics.json", {
-        "status": "failed", "error": str(error), "started": now, "run_dir": str(run_dir), "versions": dict(rundir.versions()),
-        "device": {"host": platform.node(), "cpu_count": os.cpu_count()}, "ended": now, "wall_s": 0.0})
+    rundir.failed_record(run_dir, str(error))
 
 
 COMMANDS = {  # name: (module with main(argv), what it does)

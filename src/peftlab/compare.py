@@ -44,6 +44,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from peftlab.rundir import headline
+
 PROG = "peftlab compare"
 METRIC_COLUMNS = [
     "accuracy",
@@ -331,18 +333,8 @@ def run_metrics(metrics: dict | None) -> dict[str, float]:
     row = dict.fromkeys(METRIC_COLUMNS, math.nan)
     if not metrics or metrics.get("status") != "finished":
         return row
-    final, phases = _dict(metrics.get("final")), _dict(metrics.get("phases"))
-    train = _dict(phases.get("train"))
-    row.update(
-        accuracy=_num(final.get("accuracy")),
-        macro_f1=_num(final.get("macro_f1")),
-        val_accuracy=_num(final.get("val_accuracy")),
-        gpu_peak_mb=_max(_dict(phases.get(p)).get("gpu_peak_alloc_mb") for p in ("train", "eval")),
-        cpu_peak_mb=_max(_dict(p).get("cpu_peak_rss_mb") for p in phases.values()),
-        s_per_step=_num(train.get("s_per_step")),
-        tokens_per_s=_num(train.get("tokens_per_s")),
-        wall_s=_num(metrics.get("wall_s")),
-    )
+    figures = headline(metrics)  # the figures the run's last line and the benchmark show
+    row.update({column: _num(figures[column]) for column in METRIC_COLUMNS})
     return row
 
 

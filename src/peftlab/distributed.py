@@ -18,8 +18,6 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DeepSpeedPlugin
 from omegaconf import DictConfig, OmegaConf
 
-_ZERO3_PARTITIONS: dict = {}  # the last training's, for add_run_figures
-
 
 def cpu_adam_build_dir() -> str | None:
     """Where DeepSpeed's CPU Adam is about to be compiled (torch extensions' cache: ``TORCH_EXTENSIONS_DIR``,
@@ -126,7 +124,6 @@ def world_of_one():
 def make_accelerator(cfg: DictConfig, project_dir: str, log_with: str | None = None) -> Accelerator:
     """A fresh Accelerator for one training (state of any earlier one in this process is reset)."""
     reset_state()
-    _ZERO3_PARTITIONS.clear()
     ds = deepspeed_config(cfg)
     plugin = None
     os.environ["ACCELERATE_USE_DEEPSPEED"] = str(ds is not None).lower()  # read by PartialState below
@@ -223,33 +220,17 @@ def gathered(params, enabled: bool):
 
 def zero3_partitions(accelerator: Accelerator, model) -> dict | None:
     """Under ZeRO-3, how many parameter elements each rank holds (``ds_tensor``, its partition) and
-    the model's total; None otherwise. A collective: every rank calls it, after ``prepare``. Kept
-    for :func:`add_run_figures`, which puts it into metrics.json."""
+    the model's total, for metrics.json; None otherwise. A collective: every rank calls it, after ``prepare``."""
     if not is_zero3(accelerator):
         return None
     params = list(model.parameters())
     local = sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor"))
     per_rank = accelerator.gather(torch.tensor([local], device=accelerator.device)).tolist()
-    _ZERO3_PARTITIONS.update(numel_per_rank=per_rank, numel_total=sum(getattr(p, "ds_numel", p.numel()) for p in params))
+    partitions = {"numel_per_rank": per_rank, "numel_total": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
     if accelerator.is_main_process:
         logging.getLogger("peftlab").info("ZeRO-3 partitions: %s of %s parameter elements per rank", per_rank,
-                                          f"{_ZERO3_PARTITIONS['numel_total']:,}")
-    return dict(_ZERO3_PARTITIONS)
-
-
-def add_run_figures(metrics: dict) -> dict:
-    """Rank 0, after a finished run: the number of processes and the ZeRO-3 partition sizes into metrics.json."""
-    if rank() != 0 or metrics.get("status") != "finished":
-        return metrics
-    from pathlib import Path
-
-    from peftlab.rundir import write_json
-
-    metrics["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
-    if _ZERO3_PARTITIONS:
-        metrics["zero3_partitions"] = dict(_ZERO3_PARTITIONS)
-    write_json(Path(metrics["run_dir"]) / "metrics.json", metrics)
-    return metrics
+                                          f"{partitions['numel_total']:,}")
+    return partitions
 
 
 def forget_deepspeed_modules() -> None:

@@ -24,7 +24,7 @@ from peftlab.config import ConfigError, peft_method, validate
 from peftlab.distributed import is_zero3, make_accelerator, reset_state, used_deepspeed_config
 from peftlab.memory import PhaseMeter, free_job_memory, gpu_allocated_mb, release_failed_job
 from peftlab.metrics import classification_figures
-from peftlab.rundir import RunRecord, atomic_dir, write_csv, write_json
+from peftlab.rundir import RunRecord, atomic_dir, headline, write_csv, write_json
 
 log = logging.getLogger("peftlab")
 
@@ -96,7 +96,7 @@ def run(cfg: DictConfig) -> dict:
         reset_state()
         free_job_memory()  # the job's reference cycles, now: the next job's gc.freeze() would keep them for good
         record.update(gpu_allocated_mb_before=gpu_before, gpu_allocated_mb_after=gpu_allocated_mb())
-    record.finish("finished", **result)
+    record.finish("finished", processes=int(os.environ.get("WORLD_SIZE", "1")), **result)
     if is_main_process():
         checkpoint.clear(run_dir)  # only for resuming; the run's result is adapter/ and the records
         log.info(summary_line(record.data))
@@ -201,7 +201,8 @@ def _fit_all(cfg, run_dir, splits, plan_name, plan, record, prefix: str = "", ch
     return {"final": final, "phases": meter.phases,
             "time_to_first_step_s": round(first_step - started, 2) if first_step else None,
             "epochs": histories[-1]["epochs"], "loss_curve": histories[-1]["loss_curve"],
-            **({"folds": [h["epochs"][-1] for h in histories]} if len(histories) > 1 else {})}
+            **({"folds": [h["epochs"][-1] for h in histories]} if len(histories) > 1 else {}),
+            **({"zero3_partitions": last["zero3_partitions"]} if last.get("zero3_partitions") else {})}
 
 
 def _mean(values) -> float | None:
@@ -252,7 +253,7 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
                      else get_linear_schedule_with_warmup(optimizer, warmup * n, total * n))
         model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
         eval_dls = {mode: accelerator.prepare(dl) for mode, dl in eval_dls.items()}
-        distributed.zero3_partitions(accelerator, model)  # each rank's share of the parameters -> metrics.json (a collective)
+        partitions = distributed.zero3_partitions(accelerator, model)  # each rank's share of the parameters (a collective)
         trainable, params = modeling.count_parameters(model)
         if accelerator.is_main_process:
             log.info("%s + %s on %s (%s): %s of %s parameters train", cfg.model.name, peft_method(cfg), accelerator.device,
@@ -276,7 +277,7 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
         max_new_tokens=cfg.eval.max_new_tokens,
         synced_gpus=is_zero3(accelerator) and accelerator.num_processes > 1)  # ranks keep stepping together; one needs no sync
     with meter.phase("eval"):
-        result = {"history": history, "trainable_params": trainable, "eval_s": {}}
+        result = {"history": history, "trainable_params": trainable, "eval_s": {}, "zero3_partitions": partitions}
         for mode, dl in eval_dls.items():
             start = time.perf_counter()
             out = _in_row_order(predict(dl, mode))
@@ -365,11 +366,10 @@ def save_trained(accelerator, model, run_dir: Path) -> None:
 
 
 def summary_line(m: dict) -> str:
-    f, ph = m.get("final", {}), m.get("phases", {})
-    train = ph.get("train", {})
-    gpu = max((p.get("gpu_peak_alloc_mb") or 0) for p in ph.values()) if ph else 0
-    cpu = max((p.get("cpu_peak_rss_mb") or 0) for p in ph.values()) if ph else 0
-    val = f" (validation folds {f['val_accuracy']:.4f})" if f.get("val_accuracy") is not None else ""
+    """The run's last line, from the record's headline figures (rundir.headline, as compare and bench read them)."""
+    h, f = headline(m), m.get("final", {})
+    val = f" (validation folds {h['val_accuracy']:.4f})" if h["val_accuracy"] is not None else ""
+    gpu, cpu = h["gpu_peak_mb"], h["cpu_peak_mb"]
     return (f"{f.get('split')} accuracy {f.get('accuracy', float('nan')):.4f}{val}, macro-F1 {f.get('macro_f1', float('nan')):.4f} "
-            f"({f.get('n_eval')} rows) | {train.get('s_per_step')} s/step, {train.get('tokens_per_s')} tokens/s | "
-            f"GPU peak {f'{gpu:.0f} MB' if gpu else 'n/a'}, CPU peak {cpu:.0f} MB | wall {m.get('wall_s')} s | {m.get('run_dir')}")
+            f"({f.get('n_eval')} rows) | {h['s_per_step']} s/step, {h['tokens_per_s']} tokens/s | "
+            f"GPU peak {f'{gpu:.0f} MB' if gpu else 'n/a'}, CPU peak {cpu or 0:.0f} MB | wall {m.get('wall_s')} s | {m.get('run_dir')}")

@@ -12,7 +12,6 @@ returns the ranks' metrics.json or raises :class:`LaunchFailed` with their exit 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -25,9 +24,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from peftlab.config import ConfigError, validate
-from peftlab.distributed import add_run_figures, free_port, rank
+from peftlab.distributed import free_port, rank
 from peftlab.logs import quiet_libraries, quiet_other_ranks
-from peftlab.rundir import RunRecord, read_json, write_json
+from peftlab.rundir import RunRecord, amend_record, read_json
 
 log = logging.getLogger("peftlab")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's
@@ -180,19 +179,17 @@ def relaunch(cfg: DictConfig) -> dict:
         if code != 0:
             raise LaunchFailed(f"this machine's processes exited with code {code}: {_joined(errors) or see}", code)
         return {"status": "finished", "final": {}}
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_json(run_dir / "metrics.json") or {}
     if code == 0:
         return metrics
     status = metrics.get("status")
     others = _joined({r: e for r, e in errors.items() if r != 0 and e != metrics.get("error")})
     if status in ("finished", "running"):  # rank 0 could not record the failure, or recorded success before it
         when = "after rank 0 recorded the run finished" if status == "finished" else "before rank 0 could record it"
-        metrics.update(status="failed", error=f"a process exited with code {code} {when}: {others or see}")
-        write_json(run_dir / "metrics.json", metrics)
+        metrics = amend_record(run_dir, status="failed", error=f"a process exited with code {code} {when}: {others or see}")
     elif status in ("failed", "interrupted") and others:  # rank 0 failed as its peer vanished mid-collective, or was
         # stopped by the launcher's SIGTERM once another rank died: that other rank's error is the cause
-        metrics.update(status="failed", error=f"{others} (rank 0: {metrics.get('error')})")
-        write_json(run_dir / "metrics.json", metrics)
+        metrics = amend_record(run_dir, status="failed", error=f"{others} (rank 0: {metrics.get('error')})")
     raise LaunchFailed(f"{cfg.launcher.num_processes} processes, exit code {code}: {metrics.get('error') or 'see run.log'}", code)
 
 
@@ -237,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     from peftlab.experiment import run
 
     try:
-        add_run_figures(run(cfg))
+        run(cfg)
     except ConfigError as e:
         if rank() == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -127,6 +127,41 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def headline(metrics: dict) -> dict:
+    """The figures every reader of a run shows (the run's last line, ``peftlab compare``, the benchmark):
+    accuracy, macro_f1, val_accuracy (from ``final``); gpu_peak_mb (allocated) and cpu_peak_mb (RSS), the
+    highest over all of the run's phases; s_per_step and tokens_per_s of training; time_to_first_step_s;
+    wall_s. A figure the record lacks is None."""
+    final, phases = metrics.get("final") or {}, metrics.get("phases") or {}
+    train = phases.get("train") or {}
+
+    def peak(key):
+        found = [p.get(key) for p in phases.values() if isinstance(p, dict) and isinstance(p.get(key), (int, float))]
+        return max(found) if found else None
+
+    return {"accuracy": final.get("accuracy"), "macro_f1": final.get("macro_f1"), "val_accuracy": final.get("val_accuracy"),
+            "gpu_peak_mb": peak("gpu_peak_alloc_mb"), "gpu_peak_reserved_mb": peak("gpu_peak_reserved_mb"),
+            "cpu_peak_mb": peak("cpu_peak_rss_mb"), "s_per_step": train.get("s_per_step"),
+            "tokens_per_s": train.get("tokens_per_s"), "time_to_first_step_s": metrics.get("time_to_first_step_s"),
+            "wall_s": metrics.get("wall_s")}
+
+
+def amend_record(run_dir: Path, **fields) -> dict:
+    """metrics.json of ``run_dir`` with ``fields`` changed (e.g. a launcher's verdict on a run whose ranks died)."""
+    metrics = read_json(Path(run_dir) / "metrics.json") or {}
+    metrics.update(fields)
+    write_json(Path(run_dir) / "metrics.json", metrics)
+    return metrics
+
+
+def failed_record(run_dir: Path, error: str) -> None:
+    """metrics.json of a run refused before anything heavy loaded (no torch: no device figures)."""
+    started = now()
+    write_json(Path(run_dir) / "metrics.json", {
+        "status": "failed", "error": error, "started": started, "run_dir": str(run_dir), "versions": dict(versions()),
+        "device": {"host": platform.node(), "cpu_count": os.cpu_count()}, "ended": started, "wall_s": 0.0})
+
+
 class RunRecord:
     """metrics.json of one run; only the main process writes it."""
 
