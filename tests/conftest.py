@@ -67,3 +67,19 @@ def make_cfg(out_dir: Path, *overrides: str, data_dir: Path | None = None, epoch
         base.append(f"dataset.data_dir={data_dir}")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=[*base, *overrides])
+
+
+class ModelLoaded(AssertionError):
+    """A model was loaded where a test expects the run to stop before (bad input, or its data checks only)."""
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Loading a model raises ModelLoaded: a run gets as far as its data and config checks go, no further."""
+    from peftlab import modeling
+
+    def refuse(*args, **kwargs):
+        raise ModelLoaded("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(modeling, "build_model", refuse)
+    monkeypatch.setattr(modeling, "random_weights", refuse)

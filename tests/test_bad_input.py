@@ -11,20 +11,10 @@ import sys
 import pytest
 import torch
 
-from peftlab import modeling
 from peftlab.config import ConfigError
 from peftlab.experiment import run
 
 from .conftest import ROOT, make_cfg, write_raft
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(modeling, "build_model", refuse)
-    monkeypatch.setattr(modeling, "random_weights", refuse)
 
 
 def broken_data(tmp_path, name: str):

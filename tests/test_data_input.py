@@ -17,21 +17,7 @@ from peftlab import data, modeling
 from peftlab.config import ConfigError
 from peftlab.experiment import run
 
-from .conftest import make_cfg, write_raft
-
-
-class ModelLoaded(Exception):
-    pass
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Loading a model raises ModelLoaded: a run gets as far as its data and config checks go, no further."""
-    def refuse(*args, **kwargs):
-        raise ModelLoaded("a model was loaded")
-
-    monkeypatch.setattr(modeling, "build_model", refuse)
-    monkeypatch.setattr(modeling, "random_weights", refuse)
+from .conftest import ModelLoaded, make_cfg, write_raft
 
 
 def write_table(path, rows, header=("Tweet text", "ID", "Label")):
