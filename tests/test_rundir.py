@@ -117,12 +117,13 @@ def test_a_run_again_with_other_settings_is_refused_and_the_first_kept_whole(tmp
     run_dir = tmp_path / "run"
     first = finish(run_py(*TINY, f"dataset.data_dir={tiny_data}", f"hydra.run.dir={run_dir}"))
     assert first.returncode == 0, first.stderr[-2000:]
-    before = snapshot(run_dir)
+    before, lock = snapshot(run_dir), (run_dir / rundir.LOCK).read_text()
     again = finish(run_py(*TINY, "peft.r=16", "train.lr=0.05", f"dataset.data_dir={tiny_data}", f"hydra.run.dir={run_dir}"))
     assert again.returncode == 2
     assert error_lines(again.stderr) == [f"error: hydra.run.dir={run_dir} holds a run with other settings "
                                          "(optimizer.lr, peft.r, train.lr); choose another hydra.run.dir, or resume=never to start it over"]
     assert snapshot(run_dir) == before  # .hydra/overrides.yaml, run.log and the records as the first run left them
+    assert (run_dir / rundir.LOCK).read_text() == lock  # not even the lock file names the refused run
     same = finish(run_py(*TINY, f"dataset.data_dir={tiny_data}", f"hydra.run.dir={run_dir}"))
     assert same.returncode == 0 and "already holds a finished run" in same.stderr + same.stdout
     assert {k: v for k, v in snapshot(run_dir).items() if not k.startswith((".hydra", "run.log"))} == \
@@ -156,6 +157,10 @@ def test_a_sweep_of_other_config_values_behind_the_same_overrides_is_refused(tmp
         old = compose(config_name="config", overrides=["train.epochs=3"], return_hydra_config=True)
         new = compose(config_name="config", overrides=["train.epochs=3", "model=tiny_bert"], return_hydra_config=True)
     (tmp_path / "multirun.yaml").write_text(OmegaConf.to_yaml(old))
+    rundir.check_run_dir(new, tmp_path, sweep=True)  # none of its jobs finished or checkpointed: nothing to lose
+    rundir.release(tmp_path)
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "metrics.json").write_text('{"status": "finished"}')
     with pytest.raises(ValueError, match="holds a sweep with other overrides"):
         rundir.check_run_dir(new, tmp_path, sweep=True)
     new.hydra.overrides.task = list(old.hydra.overrides.task)  # same overrides, another model file behind them
@@ -184,3 +189,12 @@ def test_compare_bench_and_the_last_line_report_the_same_figures_for_one_record(
     assert row["cpu_peak_mb"] == bench_row["cpu_peak_mb"] == 1500.0
     assert row["s_per_step"] == bench_row["s_per_step"] == 0.25 and "0.25 s/step, 900.0 tokens/s" in line
     assert bench_row["time_to_first_step_s"] == 3.2
+
+
+def test_a_run_refused_for_bad_input_does_not_block_its_corrected_command(tmp_path, tiny_data):
+    """A named directory whose run failed before training (nothing finished, no checkpoint) is started over."""
+    run_dir = tmp_path / "run"
+    bad = finish(run_py(*TINY, "train.warmup_ratio=abc", f"dataset.data_dir={tiny_data}", f"hydra.run.dir={run_dir}"))
+    assert bad.returncode == 2 and json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
+    fixed = finish(run_py(*TINY, "peft.r=0", f"dataset.data_dir={tiny_data}", f"hydra.run.dir={run_dir}"))
+    assert fixed.returncode == 2 and error_lines(fixed.stderr) == ["error: peft.r=0 must be a whole number >= 1"]

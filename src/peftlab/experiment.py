@@ -60,7 +60,7 @@ def run(cfg: DictConfig) -> dict:
         raise
     if action == "skip":
         if is_main_process():
-            log.info("%s already holds a finished run (metrics.json): nothing to do; use another hydra.run.dir, "
+            log.info("%s already holds a finished run (metrics.json): nothing to do; use another hydra.run.dir (hydra.sweep.dir), "
                      "or resume=never to run it again", run_dir)
         return checkpoint.previous_status(run_dir)
     record = RunRecord(run_dir, write=is_main_process())

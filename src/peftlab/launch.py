@@ -160,7 +160,7 @@ def relaunch(cfg: DictConfig) -> dict:
             RunRecord(run_dir, write=first_machine).finish("failed", error=str(e))
         raise
     if action == "skip":
-        log.info("%s already holds a finished run (metrics.json): nothing to do; use another hydra.run.dir, "
+        log.info("%s already holds a finished run (metrics.json): nothing to do; use another hydra.run.dir (hydra.sweep.dir), "
                  "or resume=never to run it again", run_dir)
         return previous
     RunRecord(run_dir, write=first_machine)  # 'running' until rank 0 takes over the file

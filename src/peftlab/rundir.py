@@ -320,6 +320,14 @@ def check_run_dir(config, run_dir: Path, sweep: bool) -> None:
         raise ValueError(f"cannot write {key}={run_dir} ({e.strerror or e}); choose a writable {key}") from None
     if not writable:
         raise ValueError(f"cannot write {key}={run_dir} (permission denied); choose a writable {key}")
+    if sweep:  # read-only checks first: a refused run leaves even the lock file as it was
+        _check_same_sweep(config, run_dir, key)
+    elif config.get("resume") == "auto" and _worth_keeping(run_dir):
+        saved = _read_yaml(run_dir / "config.yaml")
+        differs = config_differences(config, saved) if saved is not None else []
+        if differs:
+            raise ValueError(f"{key}={run_dir} holds a run with other settings ({', '.join(differs[:5])}); "
+                             f"choose another {key}, or resume=never to start it over")
     first = int(os.environ.get("RANK", "0")) == 0 and (config.get("launcher") or {}).get("machine_rank", 0) == 0
     if first:  # one lock per run: its rank 0, or the process that starts machine 0's ranks (launcher.*)
         try:
@@ -327,14 +335,13 @@ def check_run_dir(config, run_dir: Path, sweep: bool) -> None:
         except DirectoryInUse as e:
             raise ValueError(f"{key}={run_dir} is in use by another {'sweep' if sweep else 'run'} ({e}); "
                              f"wait for it to end, or choose another {key}") from None
-    if sweep:
-        _check_same_sweep(config, run_dir, key)
-    elif (run_dir / "metrics.json").is_file() and config.get("resume") == "auto":
-        saved = _read_yaml(run_dir / "config.yaml")
-        differs = config_differences(config, saved) if saved is not None else []
-        if differs:
-            raise ValueError(f"{key}={run_dir} holds a run with other settings ({', '.join(differs[:5])}); "
-                             f"choose another {key}, or resume=never to start it over")
+
+
+def _worth_keeping(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run or a checkpoint: what another run there would destroy. A run
+    that failed before its first checkpoint (a config error, say) is started over by its corrected command."""
+    finished = (read_json(run_dir / "metrics.json") or {}).get("status") == "finished"
+    return finished or any(run_dir.glob("checkpoints/step_*/trainer_state.json"))
 
 
 def _sweep_overrides(overrides) -> list[str]:
@@ -347,8 +354,8 @@ def _check_same_sweep(config, sweep_dir: Path, key: str) -> None:
     sweep: same overrides, same config; otherwise its jobs' records would mix with this sweep's."""
 
     old = _read_yaml(sweep_dir / "multirun.yaml")
-    if not isinstance(old, dict):
-        return
+    if not isinstance(old, dict) or not any(_worth_keeping(job) for job in sweep_dir.iterdir() if job.is_dir()):
+        return  # no sweep there, or none of its jobs finished or checkpointed: nothing to lose
     before = _sweep_overrides(((old.get("hydra") or {}).get("overrides") or {}).get("task") or [])
     after = _sweep_overrides(list(config.hydra.overrides.task))
     if before != after:
