@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 import peftlab.cli
 
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     return peftlab.cli.run_job(cfg)
