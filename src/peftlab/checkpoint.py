@@ -69,7 +69,7 @@ def plan_resume(cfg: DictConfig, run_dir: Path, world_size: int | None = None) -
     ('resume', (folder, state)) when it has a checkpoint, else ('fresh', None). Raises ConfigError
     when a checkpoint belongs to a different config, or to another number of processes than
     ``world_size`` (default: this process's WORLD_SIZE)."""
-    mode = cfg.get("resume", "auto")
+    mode = cfg.resume
     if mode not in ("auto", "never"):
         raise ConfigError(f"resume={mode} must be auto or never")
     if mode == "never":

@@ -382,7 +382,7 @@ def _validate_train(cfg: DictConfig) -> None:
     _check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
     _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
     _positive_int(t.max_length, "train.max_length")
-    head = t.get("head_only_epochs", 0)
+    head = t.head_only_epochs
     _check(isinstance(head, int) and not isinstance(head, bool) and 0 <= head < t.epochs,
            f"train.head_only_epochs={head} must be a whole number from 0 to train.epochs-1 ({t.epochs - 1})")
     if head:

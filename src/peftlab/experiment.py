@@ -245,7 +245,7 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
         total = modeling.optimizer_steps(len(train_feats), cfg, accelerator.num_processes)
         model = modeling.build_model(cfg, len(names), total)
         modeling.set_zero3_leaves(model, cfg)
-        head_steps = total * cfg.train.get("head_only_epochs", 0) // cfg.train.epochs
+        head_steps = total * cfg.train.head_only_epochs // cfg.train.epochs
         optimizer = instantiate(cfg.optimizer, modeling.parameter_groups(model) if head_steps else modeling.trainable_parameters(model))
         n = accelerator.num_processes  # Accelerate steps a non-DeepSpeed scheduler once per process per step
         warmup = int(cfg.train.warmup_ratio * total)
@@ -261,9 +261,9 @@ def fit_and_evaluate(cfg: DictConfig, train_rows, eval_rows, meter: PhaseMeter, 
             ds = used_deepspeed_config(accelerator)
             if ds is not None:
                 write_json(run_dir / "deepspeed.json", ds)
-        ck = cfg.get("checkpoint") or {}
-        checkpointer = checkpoint.Checkpointer(accelerator, run_dir, ck.get("every_steps", 0), ck.get("every_epochs", 0),
-                                               ck.get("keep_last", 1)) if checkpoints else None
+        ck = cfg.checkpoint
+        checkpointer = checkpoint.Checkpointer(accelerator, run_dir, ck.every_steps, ck.every_epochs,
+                                               ck.keep_last) if checkpoints else None
         if resume_from is not None:
             checkpointer.load(resume_from[0])
     with meter.phase("train"):

@@ -40,8 +40,7 @@ class LaunchFailed(RuntimeError):
 
 def requested(cfg: DictConfig) -> bool:
     """Whether ``launcher.*`` asks for anything but this one process."""
-    la = cfg.get("launcher") or {}
-    return la.get("num_processes", 1) != 1 or la.get("num_machines", 1) != 1
+    return cfg.launcher.num_processes != 1 or cfg.launcher.num_machines != 1
 
 
 def check(cfg: DictConfig, shared_dir_given: bool = True) -> None:
@@ -147,7 +146,7 @@ def relaunch(cfg: DictConfig) -> dict:
 
     run_dir = Path(cfg.paths.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    first_machine = cfg.launcher.get("machine_rank", 0) == 0
+    first_machine = cfg.launcher.machine_rank == 0
     previous = checkpoint.previous_status(run_dir)
     action = "fresh"
     try:
