@@ -22,7 +22,8 @@ TINY = ["model=tiny_bert", "train.epochs=1", "logger=null"]
 
 def run_py(*args, cwd=ROOT, timeout=600, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    env.pop("WORLD_SIZE", None)
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "PEFTLAB_PG_OWNER"):
+        env.pop(name, None)  # what an earlier in-process DeepSpeed run of the suite left: a plain command has none
     return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
 

@@ -74,11 +74,12 @@ def summarize(jobs: list[dict], wall_s: float, now: float | None = None) -> dict
     start = (time.time() if now is None else now) - wall_s
     earlier = [j for j in jobs if started_before(j, start)]
     ran = [j for j in jobs if not started_before(j, start)]
-    in_jobs = sum((j.get("phases", {}).get(p, {}).get("wall_s") or 0) for j in ran for p in ("train", "eval", "validation"))
+    in_jobs = round(sum((j.get("phases", {}).get(p, {}).get("wall_s") or 0) for j in ran for p in ("train", "eval", "validation")), 2)
+    wall_s = round(wall_s, 2)  # the share is computed from the figures the record shows
     return {"jobs": len(jobs), "finished": statuses.count("finished"), "not_finished": len(jobs) - statuses.count("finished"),
-            "statuses": {s: statuses.count(s) for s in sorted(set(statuses))}, "wall_s": round(wall_s, 2),
+            "statuses": {s: statuses.count(s) for s in sorted(set(statuses))}, "wall_s": wall_s,
             "ran": len(ran), "skipped_finished": sum(j.get("status") == "finished" for j in earlier),
-            "train_eval_s": round(in_jobs, 2), "outside_train_eval": round(1 - in_jobs / wall_s, 4) if wall_s else None,
+            "train_eval_s": in_jobs, "outside_train_eval": round(1 - in_jobs / wall_s, 4) if wall_s else None,
             "failed": [{"run_dir": j.get("run_dir"), "status": j.get("status"), "error": j.get("error")}
                        for j in jobs if j.get("status") != "finished"]}
 
