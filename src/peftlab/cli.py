@@ -97,15 +97,11 @@ def check_first(cfg: DictConfig) -> None:
 def record_config_error(cfg: DictConfig, error: ConfigError) -> None:
     """config.yaml and a failed metrics.json in the run directory, without RunRecord (whose device
     record imports torch); rank 0 of machine 0 writes, and an earlier run's record is left as it is."""
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from peftlab import rundir
 
-    launcher = cfg.get("launcher") or {}
-    if int(os.environ.get("RANK", "0")) != 0 or launcher.get("machine_rank", 0) != 0:
+    if not rundir.first_process(cfg):
         return
     try:
         run_dir = Path(cfg.paths.output_dir)
@@ -114,10 +110,7 @@ def record_config_error(cfg: DictConfig, error: ConfigError) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
     except (OSError, OmegaConfBaseException):  # an unwritable directory: the error line is all there is
         return
-    try:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # what compare shows for the failed run
-    except OmegaConfBaseException:
-        pass
+    rundir.save_resolved_config(cfg, run_dir)  # what compare shows for the failed run
     rundir.failed_record(run_dir, str(error))
 
 

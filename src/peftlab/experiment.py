@@ -15,11 +15,10 @@ from pathlib import Path
 import psutil
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 from transformers import get_linear_schedule_with_warmup
 
-from peftlab import checkpoint, data, distributed, engine, modeling
+from peftlab import checkpoint, data, distributed, engine, modeling, rundir
 from peftlab.config import ConfigError, peft_method, validate
 from peftlab.distributed import is_zero3, make_accelerator, reset_state, used_deepspeed_config
 from peftlab.memory import PhaseMeter, free_job_memory, gpu_allocated_mb, release_failed_job
@@ -105,7 +104,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, resume_from) -> dict:
     if is_main_process():
-        save_resolved_config(cfg, run_dir)
+        rundir.save_resolved_config(cfg, run_dir)
     validate(cfg)
     modeling.check_pooling(cfg.model)
     splits = data.load_splits(cfg.dataset, cfg.paths.data_dir)
@@ -134,14 +133,6 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, resume_from) -> dict
         result["phases"]["validation"] = {"wall_s": round(sum(p["wall_s"] for p in validation["phases"].values()), 3),
                                           "folds": cfg.eval.folds}
     return result
-
-
-def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
-    """config.yaml, resolved: also for a run that fails validation, so compare sees its real values."""
-    try:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    except OmegaConfBaseException:  # a mandatory value is missing: validate() names it next
-        pass
 
 
 def one_line(error: BaseException) -> str:

@@ -127,6 +127,23 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def first_process(config) -> bool:
+    """Whether this process speaks for the run: rank 0 (RANK unset: the only one), on machine 0 of
+    ``launcher.*`` (the process that starts machine 0's ranks). It locks the directory and writes the records."""
+    return int(os.environ.get("RANK", "0")) == 0 and (config.get("launcher") or {}).get("machine_rank", 0) == 0
+
+
+def save_resolved_config(cfg, run_dir: Path) -> None:
+    """config.yaml, resolved: also for a run that fails validation, so compare sees its real values."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.save(cfg, Path(run_dir) / "config.yaml", resolve=True)
+    except OmegaConfBaseException:  # a mandatory value is missing: validate() names it next
+        pass
+
+
 def headline(metrics: dict) -> dict:
     """The figures every reader of a run shows (the run's last line, ``peftlab compare``, the benchmark):
     accuracy, macro_f1, val_accuracy (from ``final``); gpu_peak_mb (allocated) and cpu_peak_mb (RSS), the
@@ -328,8 +345,7 @@ def check_run_dir(config, run_dir: Path, sweep: bool) -> None:
         if differs:
             raise ValueError(f"{key}={run_dir} holds a run with other settings ({', '.join(differs[:5])}); "
                              f"choose another {key}, or resume=never to start it over")
-    first = int(os.environ.get("RANK", "0")) == 0 and (config.get("launcher") or {}).get("machine_rank", 0) == 0
-    if first:  # one lock per run: its rank 0, or the process that starts machine 0's ranks (launcher.*)
+    if first_process(config):  # one lock per run: its rank 0, or the process that starts machine 0's ranks (launcher.*)
         try:
             hold(run_dir)
         except DirectoryInUse as e:
