@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from peftlab import compare
+from peftlab.compare import plots
 
 R_VALUES = (4, 8)
 ALPHA_VALUES = (8, 16, 32)
@@ -332,3 +334,76 @@ def test_mean_over_seeds_gives_one_row_per_setting(tmp_path, capsys):
     assert "best accuracy: 0.720 by 0,1,2 (r=4)" in capsys.readouterr().out  # r=8 lost a seed: not a result
     assert compare.main([str(tmp_path), "--mean-over", "zero.stage"]) == 2
     assert "the runs do not differ in zero.stage" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- what people look at
+
+
+def _noisy_runs(tmp_path: Path, n: int, points: int = 40) -> list[dict]:
+    """n finished runs of one sweep over peft.r whose loss falls with a zig-zag of +-0.1 on every step."""
+    for job in range(n):
+        metrics = _finished(0.6 + job / 100, steps=points)
+        metrics["loss_curve"] = [[s, 0.7 - 0.005 * s + (0.1 if s % 2 else -0.1)] for s in range(points)]
+        make_run(tmp_path / "sweep" / str(job), _config(tmp_path / "sweep" / str(job), r=4 * (job + 1)), metrics,
+                 [f"peft.r={4 * (job + 1)}"])
+    return [compare.load_run(p) for p in compare.find_runs([tmp_path / "sweep"])]
+
+
+def _panels(fig) -> list:
+    return [ax for ax in fig.axes if ax.lines]
+
+
+def test_loss_curves_are_smoothed_over_their_faded_raw_points(tmp_path):
+    runs = _noisy_runs(tmp_path, 2)
+    table = compare.runs_table(runs)
+    (ax,) = _panels(plots.loss_curves_figure(table, runs, compare.sweep_keys(runs, table)))
+    raw = [line for line in ax.lines if line.get_alpha() == plots.RAW_ALPHA]
+    smoothed = [line for line in ax.lines if line.get_alpha() is None]
+    assert len(raw) == len(smoothed) == 2
+    for faded, line in zip(raw, smoothed):
+        assert faded.get_color() == line.get_color() and line.get_label() in ("r=4", "r=8")
+        wiggle = [sum(abs(b - a) for a, b in zip(y, y[1:])) for y in (faded.get_ydata(), line.get_ydata())]
+        assert wiggle[1] < wiggle[0] / 4  # the zig-zag is gone, the fall stays
+        assert line.get_ydata()[-1] < sum(faded.get_ydata()[:6]) / 6 - 0.1  # the fall (0.2 over the run) stays
+    assert plots.smooth([1.0, 0.0, 1.0]) == [1.0, 0.0, 1.0]  # too short to smooth: drawn as logged
+
+
+@pytest.mark.parametrize("n", [plots.PANELS_AFTER, plots.PANELS_AFTER + 1, 14])
+def test_past_a_handful_of_runs_each_gets_its_own_panel(tmp_path, n):
+    runs = _noisy_runs(tmp_path, n, points=12)
+    table = compare.runs_table(runs)
+    panels = _panels(plots.loss_curves_figure(table, runs, compare.sweep_keys(runs, table)))
+    if n <= plots.PANELS_AFTER:
+        assert len(panels) == 1 and len(panels[0].get_legend().get_texts()) == n
+        return
+    assert len(panels) == n and [ax.get_title() for ax in panels] == [f"r={4 * (j + 1)}" for j in range(n)]
+    for ax in panels:  # its run raw and smoothed in colour, the other runs' smoothed curves in grey behind
+        assert len(ax.lines) == (n - 1) + 2 and sum(line.get_color() == "0.85" for line in ax.lines) == n - 1
+    assert len({ax.get_ylim() for ax in panels}) == 1  # shared axes: panels compare at a glance
+
+
+def test_compare_of_one_run_writes_into_that_run(tmp_path, capsys, monkeypatch):
+    run = make_run(tmp_path / "outputs" / "12-00-00", _config(tmp_path / "run", r=4), _finished(0.7), ["peft.r=4"])
+    monkeypatch.chdir(tmp_path)
+    code, stdout, _ = run_cli(capsys, run)
+    assert code == 0 and f"wrote {run / 'loss_curves.png'}" in stdout
+    assert (run / "loss_curves.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "compare").exists()
+    other = make_run(tmp_path / "outputs" / "13-00-00", _config(tmp_path / "run", r=8), _finished(0.8), ["peft.r=8"])
+    assert run_cli(capsys, run, other)[0] == 0  # several directories: ./compare, as before
+    assert (tmp_path / "compare" / "loss_curves.png").is_file()
+    assert run_cli(capsys, tmp_path / "outputs")[0] == 0  # a folder of runs that is no sweep: ./compare too
+    assert not (tmp_path / "outputs" / "loss_curves.png").exists()
+
+
+def test_terminal_table_through_rich_plain_when_piped(sweep, monkeypatch):
+    table = compare.runs_table([compare.load_run(p) for p in compare.find_runs([sweep])])
+    piped = io.StringIO()
+    compare.print_table(table, file=piped)
+    lines = piped.getvalue().splitlines()
+    assert "\x1b[" not in piped.getvalue() and len(lines) == 1 + len(table)  # one line per run, however wide
+    assert "val_accuracy" not in lines[0] and "accuracy" in lines[0]  # blank in every row: left out here
+    assert lines[1].rstrip() == lines[1] and lines[1].index("0.800") > lines[0].index("accuracy")  # right-aligned
+    monkeypatch.setenv("FORCE_COLOR", "1")  # as on a terminal: statuses coloured
+    terminal = io.StringIO()
+    compare.print_table(table, file=terminal)
+    assert "\x1b[32mfinished" in terminal.getvalue() and "31mfailed" in terminal.getvalue()  # failed: dim red

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -309,12 +310,14 @@ def _diff(a, b, key: str) -> list[str]:
     return [] if a == b else [key]
 
 
-def _read_yaml(path: Path):
+def read_yaml(path: Path):
+    """Parsed YAML, or None where it is missing or unreadable. Safe loader: never builds Python objects
+    (``_target_`` and ``${...}`` stay plain strings)."""
     import yaml
 
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
 
 
@@ -340,7 +343,7 @@ def check_run_dir(config, run_dir: Path, sweep: bool) -> None:
     if sweep:  # read-only checks first: a refused run leaves even the lock file as it was
         _check_same_sweep(config, run_dir, key)
     elif config.get("resume") == "auto" and _worth_keeping(run_dir):
-        saved = _read_yaml(run_dir / "config.yaml")
+        saved = read_yaml(run_dir / "config.yaml")
         differs = config_differences(config, saved) if saved is not None else []
         if differs:
             raise ValueError(f"{key}={run_dir} holds a run with other settings ({', '.join(differs[:5])}); "
@@ -369,7 +372,7 @@ def _check_same_sweep(config, sweep_dir: Path, key: str) -> None:
     """A sweep directory holding an earlier sweep (its ``multirun.yaml``) is reused only by the same
     sweep: same overrides, same config; otherwise its jobs' records would mix with this sweep's."""
 
-    old = _read_yaml(sweep_dir / "multirun.yaml")
+    old = read_yaml(sweep_dir / "multirun.yaml")
     if not isinstance(old, dict) or not any(_worth_keeping(job) for job in sweep_dir.iterdir() if job.is_dir()):
         return  # no sweep there, or none of its jobs finished or checkpointed: nothing to lose
     before = _sweep_overrides(((old.get("hydra") or {}).get("overrides") or {}).get("task") or [])
@@ -402,3 +405,97 @@ def _guard(config, folder: str, sweep: bool) -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- reading run directories
+
+
+def natural_key(text: str) -> list[tuple[int, int, str]]:
+    """Sort key that orders embedded numbers numerically: 'job2' < 'job10'."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", text) if t]
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run directory: it holds metrics.json or Hydra's ``.hydra/``."""
+    return (path / "metrics.json").is_file() or (path / ".hydra").is_dir()
+
+
+def _subdirs(path: Path) -> list[Path]:
+    """Visible, non-symlinked child directories, numeric-aware sorted."""
+    try:
+        children = [p for p in path.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
+    except OSError:
+        return []
+    return sorted(children, key=lambda p: natural_key(p.name))
+
+
+def _walk_runs(path: Path):
+    if is_run_dir(path):
+        yield path
+        return
+    for child in _subdirs(path):
+        yield from _walk_runs(child)
+
+
+def find_runs(paths) -> list[Path]:
+    """Run directories at or below ``paths`` (a file stands for its folder), resolved, in argument order,
+    each path's runs sorted numeric-aware (``2`` before ``10``), each run once.
+    Raises FileNotFoundError (message: the path) for a path that does not exist."""
+    runs: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(str(raw))
+        path = path.resolve()
+        for run in _walk_runs(path.parent if path.is_file() else path):
+            if run not in runs:
+                runs.append(run)
+    return runs
+
+
+def read_record(run_dir: Path) -> tuple[dict | None, str]:
+    """(metrics.json as a dict, status): status is the record's own, ``unknown`` when it states none,
+    ``missing`` (no metrics.json; the dict is None) or ``corrupt`` (unreadable or not a JSON object: None)."""
+    file = Path(run_dir) / "metrics.json"
+    if not file.is_file():
+        return None, "missing"
+    data = read_json(file)
+    if not isinstance(data, dict):
+        return None, "corrupt"
+    status = data.get("status")
+    return data, status if isinstance(status, str) and status else "unknown"
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def read_config(run_dir: Path) -> dict:
+    """The run's resolved config.yaml, else Hydra's unresolved ``.hydra/config.yaml``, else {}."""
+    for candidate in (Path(run_dir) / "config.yaml", Path(run_dir) / ".hydra" / "config.yaml"):
+        data = read_yaml(candidate)
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def read_choices(run_dir: Path) -> dict[str, str]:
+    """The option chosen in each config group (``peft: lora``), from Hydra's record of the run
+    (``.hydra/hydra.yaml``); Hydra's own groups (``hydra/...``) and nested groups left out."""
+    hydra = read_yaml(Path(run_dir) / ".hydra" / "hydra.yaml")
+    choices = _dict(_dict(_dict(hydra).get("hydra")).get("runtime")).get("choices")
+    return {str(k): v for k, v in _dict(choices).items() if "/" not in str(k) and not str(k).startswith("hydra")}
+
+
+def load_run(path) -> dict:
+    """Everything a reader of one run directory shows, read without executing anything from it.
+
+    Keys: path (Path), config (nested dict, {} when none), choices (config group -> option), overrides
+    (list of str), metrics (dict or None), status (str, see :func:`read_record`), error (str or None)."""
+    path = Path(path)
+    overrides = read_yaml(path / ".hydra" / "overrides.yaml")
+    metrics, status = read_record(path)
+    error = metrics.get("error") if metrics else None
+    return {"path": path, "config": read_config(path), "choices": read_choices(path),
+            "overrides": [str(o) for o in overrides] if isinstance(overrides, list) else [],
+            "metrics": metrics, "status": status, "error": error if isinstance(error, str) and error.strip() else None}
