@@ -29,6 +29,7 @@ def test_a_good_config_prints_its_choices_and_ok(tmp_path, tiny_data, capsys):
     assert lines[1].startswith("peft      ia3: target_modules=['key', 'value', 'output.dense']")
     assert lines[2] == "zero      stage2: stage=2 offload_optimizer_device=none offload_param_device=none"
     assert lines[3].startswith(f"dataset   twitter_complaints: csv from {tiny_data}; text_column=Tweet text label_column=Label")
+    assert lines[5] == "eval      mode=score split=test select_on=test metrics=['accuracy', 'macro_f1']"
     assert lines[-1].startswith("ok: rows train 16, test 28; eval.split=test: 1 x (16 training, 24 held-out rows), disjoint (")
     assert not (ROOT / "outputs" / "(the run directory, claimed when the run starts)").exists()
 
@@ -51,6 +52,8 @@ def bad_data(tmp_path, tiny_data, change) -> str:
     (["model=tiny_bert", "launcher.num_processes=0"], "error: launcher.num_processes=0 must be a whole number >= 1"),
     (["model=tiny_bert", "dataset.text_column=tweet", "DATA"], "(dataset.text_column); columns are: Tweet text, ID, Label"),
     (["model=tiny_bert", "LABEL_3"], "row 1 has label '3', not one of dataset.labels (1, 2) or dataset.unlabeled (0)"),
+    (["model=tiny_bert", "eval.metrics=[peftlab_no_such_metric]"],
+     "error: eval.metrics: peftlab_no_such_metric is an evaluate hub metric, not in the local cache"),
     (["model=tiny_bert", "LEAK"], "test row 29 (id 200000) has the text of train row 1 (id 100000)"),
 ])
 def test_a_bad_config_is_one_line_and_exit_2(tmp_path, tiny_data, capsys, overrides, expected):

@@ -243,7 +243,7 @@ def composed_choices(cfg: DictConfig) -> str:
         f"dataset   {ds.name}: {ds.format} from {data_dir}; " + show(ds, ["text_column", "label_column", "id_column"])
         + f"; labels {dict(ds.labels)}",
         f"train     {show(cfg.train, ['epochs', 'lr', 'batch_size', 'grad_accum', 'mixed_precision', 'max_length'])} seed={cfg.seed}",
-        f"eval      {show(cfg.eval, ['mode', 'split', 'select_on'])}",
+        f"eval      {show(cfg.eval, ['mode', 'split', 'select_on', 'metrics'])}",
         f"launcher  {show(cfg.launcher, ['num_processes', 'num_machines'])}",
     ])
 
@@ -292,7 +292,7 @@ def check_all(cfg: DictConfig, shared_dir_given: bool = False) -> str:
         if peft_method(cfg) == "adalora":
             from peftlab import modeling
 
-            modeling.optimizer_steps(len(plan[0][0]), cfg, cfg.launcher.num_processes)
+            modeling.check_adalora_schedule(cfg.peft, cfg.train, len(plan[0][0]), cfg.launcher.num_processes)
     except OmegaConfBaseException as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     sizes = ", ".join(f"{split} {len(rows)}" for split, rows in splits.items())

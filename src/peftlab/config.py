@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 TASKS = ("seq_cls", "seq2seq", "causal_lm")
@@ -57,7 +57,7 @@ SCHEMA: dict[str, dict[str, str]] = {
               "mixed_precision": "str", "weight_decay": "number", "warmup_ratio": "number", "head_only_epochs": "int",
               "max_length": "int", "gradient_checkpointing": "bool", "tf32": "bool", "profile_steps": "int"},
     "eval": {"mode": "str", "split": "str", "val_fraction": "number", "folds": "int", "select_on": "str",
-             "batch_size": "int", "max_new_tokens": "int"},
+             "batch_size": "int", "max_new_tokens": "int", "metrics": ANY},
     "paths": {"data_dir": "str?", "output_dir": "str", "cache_dir": "str"},
     "launcher": {"num_processes": "int", "num_machines": "int", "machine_rank": "int", "main_process_ip": "str?",
                  "main_process_port": "int?"},
@@ -482,3 +482,9 @@ def _validate_eval(cfg: DictConfig) -> None:
     _check(isinstance(e.folds, int) and e.folds >= 2, f"eval.folds={e.folds} must be a whole number >= 2")
     _positive_int(e.batch_size, "eval.batch_size")
     _positive_int(e.max_new_tokens, "eval.max_new_tokens")
+    names = e.get("metrics")
+    _check(isinstance(names, ListConfig) and all(isinstance(n, str) and n for n in names),
+           f"eval.metrics={_show(names)} must be a list of metric names, e.g. eval.metrics=[accuracy,macro_f1,matthews_correlation]")
+    from peftlab.metrics import check_names
+
+    check_names(names)
