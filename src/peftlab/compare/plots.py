@@ -180,7 +180,7 @@ def _draw_curve(ax, steps, losses, color, finished: bool, label: str | None = No
     smoothed = len(losses) >= SMOOTH_FROM
     style = "-" if finished else "--"
     if smoothed:
-        ax.plot(steps, losses, color=color, linewidth=0.8, alpha=RAW_ALPHA, linestyle=style)
+        ax.plot(steps, losses, color=color, linewidth=0.8, alpha=RAW_ALPHA)
     ax.plot(steps, smooth(losses), color=color, linewidth=1.4, linestyle=style, label=label)
 
 

@@ -340,7 +340,7 @@ def summary_line(table: pd.DataFrame, metric: str, keys: Sequence[str] = ()) -> 
     """'6 runs, 2 finished, 4 failed/other (...); best <metric>: <value> by <run> (<its keys>)'."""
     counts = table["status"].value_counts()
     finished = int(counts.get("finished", 0))
-    text = f"{len(table)} runs, {finished} finished, {len(table) - finished} failed/other"
+    text = f"{len(table)} run{'' if len(table) == 1 else 's'}, {finished} finished, {len(table) - finished} failed/other"
     others = ", ".join(f"{n} {s}" for s, n in counts.items() if s != "finished")
     text += f" ({others})" if others else ""
     best = best_run(table, metric)
