@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -37,6 +38,27 @@ def test_every_option_composes_and_validates(tmp_path, group, option):
     assert first_line.startswith("# python run.py"), f"{group}/{option}.yaml should open with the command that uses it"
 
 
+def test_model_files_inherit_the_base_and_compose_as_before(tmp_path):
+    """conf/model/*.yaml state only what differs from conf/model_base.yaml (or from the model whose shape they
+    take); each composes to exactly the values it held as a flat file (tests/model_options.yaml). The base is
+    no option of model=: Hydra's list, the one --help prints, holds the model files alone."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    expected = OmegaConf.to_container(OmegaConf.load(Path(__file__).parent / "model_options.yaml"))
+    assert set(expected) <= set(GROUPS["model"])
+    for model in GROUPS["model"]:
+        defaults = OmegaConf.load(CONF / "model" / f"{model}.yaml").get("defaults")
+        assert defaults and defaults[-1] == "_self_", (
+            f"conf/model/{model}.yaml: start from the shared keys (defaults: [/model_base@_here_, _self_]) "
+            "and keep only what differs"
+        )
+        composed = OmegaConf.to_container(make_cfg(tmp_path, f"model={model}").model)  # interpolations as written
+        assert composed == expected.get(model, composed), f"model={model} composes to other values than before"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        assert GlobalHydra.instance().config_loader().get_group_options("model") == GROUPS["model"]
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates(tmp_path, experiment):
     cfg = make_cfg(tmp_path, f"experiment={experiment}")
@@ -66,20 +88,20 @@ def test_every_launcher_preset_composes(tmp_path, launcher):
 @pytest.mark.parametrize("peft", [p for p in GROUPS["peft"] if p != "none"])
 def test_peft_config_instantiates_for_every_model(tmp_path, model, peft):
     cfg = make_cfg(tmp_path, f"model={model}", f"peft={peft}")
-    config = modeling.peft_config(cfg, total_steps=100)
+    config = modeling.peft_config(cfg.peft, peft_method(cfg), cfg.model.task, total_steps=100)
     assert config.task_type == PEFT_TASK_TYPES[cfg.model.task]
     assert peft_method(cfg) == peft
 
 
 def test_command_line_reaches_the_peft_config(tmp_path):
     cfg = make_cfg(tmp_path, "peft.r=16", "peft.lora_alpha=64")
-    config = modeling.peft_config(cfg, total_steps=10)
+    config = modeling.peft_config(cfg.peft, peft_method(cfg), cfg.model.task, total_steps=10)
     assert (config.r, config.lora_alpha, config.target_modules) == (16, 64, {"query", "value"})
 
 
 def test_train_settings_are_stated_once_and_reach_deepspeed(tmp_path):
     cfg = make_cfg(tmp_path, "zero=stage3_cpu", "train.batch_size=4", "train.grad_accum=2", "train.max_grad_norm=0.5")
-    ds = deepspeed_config(cfg)
+    ds = deepspeed_config(cfg.zero, cfg.train)
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 0.5
@@ -87,13 +109,14 @@ def test_train_settings_are_stated_once_and_reach_deepspeed(tmp_path):
     assert zero["stage"] == 3
     assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
-    assert deepspeed_config(make_cfg(tmp_path, "zero=none")) is None
-    assert "offload_optimizer" not in deepspeed_config(make_cfg(tmp_path, "zero=stage2"))["zero_optimization"]
+    none, stage2 = make_cfg(tmp_path, "zero=none"), make_cfg(tmp_path, "zero=stage2")
+    assert deepspeed_config(none.zero, none.train) is None
+    assert "offload_optimizer" not in deepspeed_config(stage2.zero, stage2.train)["zero_optimization"]
 
 
 def test_nvme_path_reaches_deepspeed(tmp_path):
     cfg = make_cfg(tmp_path, "zero=stage3_nvme", f"zero.offload_param_nvme_path={tmp_path}")
-    zero = deepspeed_config(cfg)["zero_optimization"]
+    zero = deepspeed_config(cfg.zero, cfg.train)["zero_optimization"]
     assert zero["offload_param"] == {"device": "nvme", "nvme_path": str(tmp_path)}
     assert zero["offload_optimizer"]["nvme_path"] == str(tmp_path)
 
