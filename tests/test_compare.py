@@ -54,13 +54,17 @@ def _finished(accuracy: float, steps: int = 10) -> dict:
     }
 
 
-def make_run(job: Path, config: dict | None, metrics, overrides: list[str] | None = None, choices: dict | None = None) -> Path:
+def make_run(
+    job: Path, config: dict | None, metrics, overrides: list[str] | None = None, choices: dict | None = None
+) -> Path:
     """metrics: dict -> metrics.json, str -> written verbatim, None -> no metrics.json;
     choices: config group -> option, as Hydra records them in .hydra/hydra.yaml."""
     (job / ".hydra").mkdir(parents=True, exist_ok=True)
     if choices is not None:
         hydra_choices = {**choices, "hydra/launcher": "basic", "hydra/sweeper": "basic"}
-        (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": hydra_choices}}}))
+        (job / ".hydra" / "hydra.yaml").write_text(
+            yaml.safe_dump({"hydra": {"runtime": {"choices": hydra_choices}}})
+        )
     if config is not None:
         (job / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -156,7 +160,11 @@ def test_unresolved_hydra_config_is_shown_verbatim(tmp_path):
 def test_a_key_that_echoes_a_swept_one_shows_once(tmp_path):
     """A resolved config repeats train.lr as optimizer.lr; a key with the same values but another name stays."""
     for i, lr in enumerate((0.1, 0.2)):
-        make_run(tmp_path / str(i), {"train": {"lr": lr, "epochs": 3 + i}, "optimizer": {"lr": lr, "eps": 3 + i}}, _finished(0.6))
+        make_run(
+            tmp_path / str(i),
+            {"train": {"lr": lr, "epochs": 3 + i}, "optimizer": {"lr": lr, "eps": 3 + i}},
+            _finished(0.6),
+        )
     table = compare.runs_table([compare.load_run(p) for p in compare.find_runs([tmp_path])])
     assert compare.config_columns(table) == ["train.lr", "train.epochs", "optimizer.eps"]
 
@@ -183,19 +191,30 @@ def test_swapped_group_shows_target_and_differing_keys(tmp_path):
 def test_swapped_group_shows_the_choice_not_the_keys_it_settles(tmp_path):
     """peft=lora,ia3 x peft.r=4,8 (r only for lora): the table shows peft (the option's name) and
     the lora runs' r; each method's fixed settings (target, modules, dropout) are left out."""
-    jobs = [("lora", {"_target_": "peft.LoraConfig", "r": 4, "lora_dropout": 0.1, "target_modules": ["q", "v"]}),
-            ("lora", {"_target_": "peft.LoraConfig", "r": 8, "lora_dropout": 0.1, "target_modules": ["q", "v"]}),
-            ("ia3", {"_target_": "peft.IA3Config", "target_modules": ["k", "v", "o"], "feedforward_modules": ["o"]})]
+    jobs = [
+        ("lora", {"_target_": "peft.LoraConfig", "r": 4, "lora_dropout": 0.1, "target_modules": ["q", "v"]}),
+        ("lora", {"_target_": "peft.LoraConfig", "r": 8, "lora_dropout": 0.1, "target_modules": ["q", "v"]}),
+        (
+            "ia3",
+            {"_target_": "peft.IA3Config", "target_modules": ["k", "v", "o"], "feedforward_modules": ["o"]},
+        ),
+    ]
     for i, (choice, peft) in enumerate(jobs):
-        make_run(tmp_path / str(i), {"seed": 1, "model": {"name": "minilm"}, "peft": peft}, _finished(0.6 + i / 10),
-                 [f"peft={choice}"] + ([f"peft.r={peft['r']}"] if "r" in peft else []),
-                 choices={"model": "minilm", "peft": choice, "zero": "none"})
+        make_run(
+            tmp_path / str(i),
+            {"seed": 1, "model": {"name": "minilm"}, "peft": peft},
+            _finished(0.6 + i / 10),
+            [f"peft={choice}"] + ([f"peft.r={peft['r']}"] if "r" in peft else []),
+            choices={"model": "minilm", "peft": choice, "zero": "none"},
+        )
     runs = [compare.load_run(p) for p in compare.find_runs([tmp_path])]
     table = compare.runs_table(runs)
     assert compare.config_columns(table) == ["peft", "peft.r"]
     assert list(table["peft"]) == ["lora", "lora", "ia3"]
     assert compare.sweep_keys(runs, table) == ["peft", "peft.r"]
-    assert compare.summary_line(table, "accuracy", ["peft", "peft.r"]).endswith("best accuracy: 0.800 by 2 (peft=ia3)")
+    assert compare.summary_line(table, "accuracy", ["peft", "peft.r"]).endswith(
+        "best accuracy: 0.800 by 2 (peft=ia3)"
+    )
 
 
 def test_sort_table_directions(sweep):
@@ -285,8 +304,12 @@ def test_cli_errors_exit_2(tmp_path, capsys):
 
 def test_a_reader_that_leaves_early_ends_compare_quietly(sweep):
     """`peftlab compare DIR | head -1`: the pipe closes before compare prints; no traceback."""
-    proc = subprocess.Popen([sys.executable, "-m", "peftlab.cli", "compare", str(sweep), "--no-plots"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peftlab.cli", "compare", str(sweep), "--no-plots"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.stdout.close()  # before the first write: every write fails
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and stderr == ""
@@ -313,9 +336,13 @@ def test_choosing_on_validation_reports_the_chosen_runs_test_accuracy(tmp_path, 
         metrics = _finished(test)
         metrics["final"]["val_accuracy"] = val
         make_run(tmp_path / str(i), None, metrics, [f"peft.r={4 * (i + 1)}"])
-    assert compare.main([str(tmp_path), "--metric", "val_accuracy", "--sort", "val_accuracy", "--no-plots"]) == 0
+    assert (
+        compare.main([str(tmp_path), "--metric", "val_accuracy", "--sort", "val_accuracy", "--no-plots"]) == 0
+    )
     out = capsys.readouterr().out
-    assert "best val_accuracy: 0.800 by 1 (r=8), whose accuracy is 0.710" in out  # chosen without peeking at test
+    assert (
+        "best val_accuracy: 0.800 by 1 (r=8), whose accuracy is 0.710" in out
+    )  # chosen without peeking at test
 
 
 def test_mean_over_seeds_gives_one_row_per_setting(tmp_path, capsys):
@@ -325,12 +352,23 @@ def test_mean_over_seeds_gives_one_row_per_setting(tmp_path, capsys):
         config = {**_config(tmp_path / str(n), r=r), "seed": seed}
         metrics = _finished(acc) if acc is not None else {"status": "failed", "error": "boom"}
         make_run(tmp_path / str(n), config, metrics, [f"peft.r={r}", f"seed={seed}"])
-    assert compare.main([str(tmp_path), "--mean-over", "seed", "--out", str(tmp_path / "report"), "--no-plots"]) == 0
+    assert (
+        compare.main([str(tmp_path), "--mean-over", "seed", "--out", str(tmp_path / "report"), "--no-plots"])
+        == 0
+    )
     rows = {int(r["peft.r"]): r for r in csv.DictReader(open(tmp_path / "report" / "compare.csv"))}
     assert "seed" not in rows[4]
-    assert float(rows[4]["accuracy"]) == pytest.approx(0.72) and rows[4]["n"] == "3" and rows[4]["status"] == "finished"
+    assert (
+        float(rows[4]["accuracy"]) == pytest.approx(0.72)
+        and rows[4]["n"] == "3"
+        and rows[4]["status"] == "finished"
+    )
     assert float(rows[4]["accuracy_sd"]) == pytest.approx(0.02)
-    assert float(rows[8]["accuracy"]) == pytest.approx(0.78) and rows[8]["n"] == "2" and rows[8]["status"] == "2/3 finished"
+    assert (
+        float(rows[8]["accuracy"]) == pytest.approx(0.78)
+        and rows[8]["n"] == "2"
+        and rows[8]["status"] == "2/3 finished"
+    )
     assert "best accuracy: 0.720 by 0,1,2 (r=4)" in capsys.readouterr().out  # r=8 lost a seed: not a result
     assert compare.main([str(tmp_path), "--mean-over", "zero.stage"]) == 2
     assert "the runs do not differ in zero.stage" in capsys.readouterr().err
@@ -344,8 +382,12 @@ def _noisy_runs(tmp_path: Path, n: int, points: int = 40) -> list[dict]:
     for job in range(n):
         metrics = _finished(0.6 + job / 100, steps=points)
         metrics["loss_curve"] = [[s, 0.7 - 0.005 * s + (0.1 if s % 2 else -0.1)] for s in range(points)]
-        make_run(tmp_path / "sweep" / str(job), _config(tmp_path / "sweep" / str(job), r=4 * (job + 1)), metrics,
-                 [f"peft.r={4 * (job + 1)}"])
+        make_run(
+            tmp_path / "sweep" / str(job),
+            _config(tmp_path / "sweep" / str(job), r=4 * (job + 1)),
+            metrics,
+            [f"peft.r={4 * (job + 1)}"],
+        )
     return [compare.load_run(p) for p in compare.find_runs([tmp_path / "sweep"])]
 
 
@@ -364,7 +406,9 @@ def test_loss_curves_are_smoothed_over_their_faded_raw_points(tmp_path):
         assert faded.get_color() == line.get_color() and line.get_label() in ("r=4", "r=8")
         wiggle = [sum(abs(b - a) for a, b in zip(y, y[1:])) for y in (faded.get_ydata(), line.get_ydata())]
         assert wiggle[1] < wiggle[0] / 4  # the zig-zag is gone, the fall stays
-        assert line.get_ydata()[-1] < sum(faded.get_ydata()[:6]) / 6 - 0.1  # the fall (0.2 over the run) stays
+        assert (
+            line.get_ydata()[-1] < sum(faded.get_ydata()[:6]) / 6 - 0.1
+        )  # the fall (0.2 over the run) stays
     assert plots.smooth([1.0, 0.0, 1.0]) == [1.0, 0.0, 1.0]  # too short to smooth: drawn as logged
 
 
@@ -383,12 +427,16 @@ def test_past_a_handful_of_runs_each_gets_its_own_panel(tmp_path, n):
 
 
 def test_compare_of_one_run_writes_into_that_run(tmp_path, capsys, monkeypatch):
-    run = make_run(tmp_path / "outputs" / "12-00-00", _config(tmp_path / "run", r=4), _finished(0.7), ["peft.r=4"])
+    run = make_run(
+        tmp_path / "outputs" / "12-00-00", _config(tmp_path / "run", r=4), _finished(0.7), ["peft.r=4"]
+    )
     monkeypatch.chdir(tmp_path)
     code, stdout, _ = run_cli(capsys, run)
     assert code == 0 and f"wrote {run / 'loss_curves.png'}" in stdout
     assert (run / "loss_curves.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "compare").exists()
-    other = make_run(tmp_path / "outputs" / "13-00-00", _config(tmp_path / "run", r=8), _finished(0.8), ["peft.r=8"])
+    other = make_run(
+        tmp_path / "outputs" / "13-00-00", _config(tmp_path / "run", r=8), _finished(0.8), ["peft.r=8"]
+    )
     assert run_cli(capsys, run, other)[0] == 0  # several directories: ./compare, as before
     assert (tmp_path / "compare" / "loss_curves.png").is_file()
     assert run_cli(capsys, tmp_path / "outputs")[0] == 0  # a folder of runs that is no sweep: ./compare too
@@ -402,7 +450,9 @@ def test_terminal_table_through_rich_plain_when_piped(sweep, monkeypatch):
     lines = piped.getvalue().splitlines()
     assert "\x1b[" not in piped.getvalue() and len(lines) == 1 + len(table)  # one line per run, however wide
     assert "val_accuracy" not in lines[0] and "accuracy" in lines[0]  # blank in every row: left out here
-    assert lines[1].rstrip() == lines[1] and lines[1].index("0.800") > lines[0].index("accuracy")  # right-aligned
+    assert lines[1].rstrip() == lines[1] and lines[1].index("0.800") > lines[0].index(
+        "accuracy"
+    )  # right-aligned
     monkeypatch.setenv("FORCE_COLOR", "1")  # as on a terminal: statuses coloured
     terminal = io.StringIO()
     compare.print_table(table, file=terminal)

@@ -29,7 +29,17 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "datasets", "hydra-core", "omegaconf", "peftlab")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "deepspeed",
+    "datasets",
+    "hydra-core",
+    "omegaconf",
+    "peftlab",
+)
 
 
 def atomic_write(path: Path, text: str, durable: bool = True) -> None:
@@ -131,7 +141,9 @@ def now() -> str:
 def first_process(config) -> bool:
     """Whether this process speaks for the run: rank 0 (RANK unset: the only one), on machine 0 of
     ``launcher.*`` (the process that starts machine 0's ranks). It locks the directory and writes the records."""
-    return int(os.environ.get("RANK", "0")) == 0 and (config.get("launcher") or {}).get("machine_rank", 0) == 0
+    return (
+        int(os.environ.get("RANK", "0")) == 0 and (config.get("launcher") or {}).get("machine_rank", 0) == 0
+    )
 
 
 def save_resolved_config(cfg, run_dir: Path) -> None:
@@ -154,14 +166,25 @@ def headline(metrics: dict) -> dict:
     train = phases.get("train") or {}
 
     def peak(key):
-        found = [p.get(key) for p in phases.values() if isinstance(p, dict) and isinstance(p.get(key), (int, float))]
+        found = [
+            p.get(key)
+            for p in phases.values()
+            if isinstance(p, dict) and isinstance(p.get(key), (int, float))
+        ]
         return max(found) if found else None
 
-    return {"accuracy": final.get("accuracy"), "macro_f1": final.get("macro_f1"), "val_accuracy": final.get("val_accuracy"),
-            "gpu_peak_mb": peak("gpu_peak_alloc_mb"), "gpu_peak_reserved_mb": peak("gpu_peak_reserved_mb"),
-            "cpu_peak_mb": peak("cpu_peak_rss_mb"), "s_per_step": train.get("s_per_step"),
-            "tokens_per_s": train.get("tokens_per_s"), "time_to_first_step_s": metrics.get("time_to_first_step_s"),
-            "wall_s": metrics.get("wall_s")}
+    return {
+        "accuracy": final.get("accuracy"),
+        "macro_f1": final.get("macro_f1"),
+        "val_accuracy": final.get("val_accuracy"),
+        "gpu_peak_mb": peak("gpu_peak_alloc_mb"),
+        "gpu_peak_reserved_mb": peak("gpu_peak_reserved_mb"),
+        "cpu_peak_mb": peak("cpu_peak_rss_mb"),
+        "s_per_step": train.get("s_per_step"),
+        "tokens_per_s": train.get("tokens_per_s"),
+        "time_to_first_step_s": metrics.get("time_to_first_step_s"),
+        "wall_s": metrics.get("wall_s"),
+    }
 
 
 def amend_record(run_dir: Path, **fields) -> dict:
@@ -175,9 +198,19 @@ def amend_record(run_dir: Path, **fields) -> dict:
 def failed_record(run_dir: Path, error: str) -> None:
     """metrics.json of a run refused before anything heavy loaded (no torch: no device figures)."""
     started = now()
-    write_json(Path(run_dir) / "metrics.json", {
-        "status": "failed", "error": error, "started": started, "run_dir": str(run_dir), "versions": dict(versions()),
-        "device": {"host": platform.node(), "cpu_count": os.cpu_count()}, "ended": started, "wall_s": 0.0})
+    write_json(
+        Path(run_dir) / "metrics.json",
+        {
+            "status": "failed",
+            "error": error,
+            "started": started,
+            "run_dir": str(run_dir),
+            "versions": dict(versions()),
+            "device": {"host": platform.node(), "cpu_count": os.cpu_count()},
+            "ended": started,
+            "wall_s": 0.0,
+        },
+    )
 
 
 class RunRecord:
@@ -188,8 +221,14 @@ class RunRecord:
         self.write_enabled = write
         self.start = time.perf_counter()
         self.started_at = time.time()
-        self.data: dict = {"status": "running", "error": None, "started": now(), "run_dir": str(run_dir),
-                           "versions": dict(versions()), "device": device_info()}
+        self.data: dict = {
+            "status": "running",
+            "error": None,
+            "started": now(),
+            "run_dir": str(run_dir),
+            "versions": dict(versions()),
+            "device": device_info(),
+        }
         self.save()
 
     def update(self, **fields) -> None:
@@ -197,7 +236,9 @@ class RunRecord:
         self.save(durable=False)  # progress (per epoch): atomic, not worth an fsync each
 
     def finish(self, status: str, error: str | None = None, **fields) -> None:
-        self.data.update(fields, status=status, error=error, ended=now(), wall_s=round(time.perf_counter() - self.start, 2))
+        self.data.update(
+            fields, status=status, error=error, ended=now(), wall_s=round(time.perf_counter() - self.start, 2)
+        )
         self.save()
 
     def save(self, durable: bool = True) -> None:
@@ -334,10 +375,14 @@ def check_run_dir(config, run_dir: Path, sweep: bool) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         writable = os.access(run_dir, os.W_OK)
-        probe = tempfile.TemporaryFile(dir=run_dir)  # root ignores permission bits; a read-only mount does not
+        probe = tempfile.TemporaryFile(
+            dir=run_dir
+        )  # root ignores permission bits; a read-only mount does not
         probe.close()
     except OSError as e:
-        raise ValueError(f"cannot write {key}={run_dir} ({e.strerror or e}); choose a writable {key}") from None
+        raise ValueError(
+            f"cannot write {key}={run_dir} ({e.strerror or e}); choose a writable {key}"
+        ) from None
     if not writable:
         raise ValueError(f"cannot write {key}={run_dir} (permission denied); choose a writable {key}")
     if sweep:  # read-only checks first: a refused run leaves even the lock file as it was
@@ -346,14 +391,20 @@ def check_run_dir(config, run_dir: Path, sweep: bool) -> None:
         saved = read_yaml(run_dir / "config.yaml")
         differs = config_differences(config, saved) if saved is not None else []
         if differs:
-            raise ValueError(f"{key}={run_dir} holds a run with other settings ({', '.join(differs[:5])}); "
-                             f"choose another {key}, or resume=never to start it over")
-    if first_process(config):  # one lock per run: its rank 0, or the process that starts machine 0's ranks (launcher.*)
+            raise ValueError(
+                f"{key}={run_dir} holds a run with other settings ({', '.join(differs[:5])}); "
+                f"choose another {key}, or resume=never to start it over"
+            )
+    if first_process(
+        config
+    ):  # one lock per run: its rank 0, or the process that starts machine 0's ranks (launcher.*)
         try:
             hold(run_dir)
         except DirectoryInUse as e:
-            raise ValueError(f"{key}={run_dir} is in use by another {'sweep' if sweep else 'run'} ({e}); "
-                             f"wait for it to end, or choose another {key}") from None
+            raise ValueError(
+                f"{key}={run_dir} is in use by another {'sweep' if sweep else 'run'} ({e}); "
+                f"wait for it to end, or choose another {key}"
+            ) from None
 
 
 def _worth_keeping(run_dir: Path) -> bool:
@@ -373,17 +424,23 @@ def _check_same_sweep(config, sweep_dir: Path, key: str) -> None:
     sweep: same overrides, same config; otherwise its jobs' records would mix with this sweep's."""
 
     old = read_yaml(sweep_dir / "multirun.yaml")
-    if not isinstance(old, dict) or not any(_worth_keeping(job) for job in sweep_dir.iterdir() if job.is_dir()):
+    if not isinstance(old, dict) or not any(
+        _worth_keeping(job) for job in sweep_dir.iterdir() if job.is_dir()
+    ):
         return  # no sweep there, or none of its jobs finished or checkpointed: nothing to lose
     before = _sweep_overrides(((old.get("hydra") or {}).get("overrides") or {}).get("task") or [])
     after = _sweep_overrides(list(config.hydra.overrides.task))
     if before != after:
-        raise ValueError(f"{key}={sweep_dir} holds a sweep with other overrides ({' '.join(before) or 'none'}; now "
-                         f"{' '.join(after) or 'none'}); choose another {key}, or repeat its overrides to resume it")
+        raise ValueError(
+            f"{key}={sweep_dir} holds a sweep with other overrides ({' '.join(before) or 'none'}; now "
+            f"{' '.join(after) or 'none'}); choose another {key}, or repeat its overrides to resume it"
+        )
     differs = config_differences(config, old, resolve=False)  # multirun.yaml holds the config as written
     if differs:
-        raise ValueError(f"{key}={sweep_dir} holds a sweep of other settings ({', '.join(differs[:5])}); "
-                         f"choose another {key}")
+        raise ValueError(
+            f"{key}={sweep_dir} holds a sweep of other settings ({', '.join(differs[:5])}); "
+            f"choose another {key}"
+        )
 
 
 class RunDirGuard(Callback):
@@ -423,7 +480,9 @@ def is_run_dir(path: Path) -> bool:
 def _subdirs(path: Path) -> list[Path]:
     """Visible, non-symlinked child directories, numeric-aware sorted."""
     try:
-        children = [p for p in path.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
+        children = [
+            p for p in path.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+        ]
     except OSError:
         return []
     return sorted(children, key=lambda p: natural_key(p.name))
@@ -484,7 +543,9 @@ def read_choices(run_dir: Path) -> dict[str, str]:
     (``.hydra/hydra.yaml``); Hydra's own groups (``hydra/...``) and nested groups left out."""
     hydra = read_yaml(Path(run_dir) / ".hydra" / "hydra.yaml")
     choices = _dict(_dict(_dict(hydra).get("hydra")).get("runtime")).get("choices")
-    return {str(k): v for k, v in _dict(choices).items() if "/" not in str(k) and not str(k).startswith("hydra")}
+    return {
+        str(k): v for k, v in _dict(choices).items() if "/" not in str(k) and not str(k).startswith("hydra")
+    }
 
 
 def load_run(path) -> dict:
@@ -496,6 +557,12 @@ def load_run(path) -> dict:
     overrides = read_yaml(path / ".hydra" / "overrides.yaml")
     metrics, status = read_record(path)
     error = metrics.get("error") if metrics else None
-    return {"path": path, "config": read_config(path), "choices": read_choices(path),
-            "overrides": [str(o) for o in overrides] if isinstance(overrides, list) else [],
-            "metrics": metrics, "status": status, "error": error if isinstance(error, str) and error.strip() else None}
+    return {
+        "path": path,
+        "config": read_config(path),
+        "choices": read_choices(path),
+        "overrides": [str(o) for o in overrides] if isinstance(overrides, list) else [],
+        "metrics": metrics,
+        "status": status,
+        "error": error if isinstance(error, str) and error.strip() else None,
+    }

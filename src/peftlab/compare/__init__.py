@@ -52,27 +52,60 @@ from peftlab.compare.table import (
 )
 from peftlab.rundir import find_runs, is_run_dir, load_run
 
-__all__ = ["ERROR_WIDTH", "METRIC_COLUMNS", "config_columns", "filter_status", "find_runs", "load_run", "main",
-           "make_plots", "mean_over", "output_dir", "print_table", "run_metrics", "runs_table", "sort_table",
-           "summary_line", "sweep_keys", "to_markdown", "write_tables"]
+__all__ = [
+    "ERROR_WIDTH",
+    "METRIC_COLUMNS",
+    "config_columns",
+    "filter_status",
+    "find_runs",
+    "load_run",
+    "main",
+    "make_plots",
+    "mean_over",
+    "output_dir",
+    "print_table",
+    "run_metrics",
+    "runs_table",
+    "sort_table",
+    "summary_line",
+    "sweep_keys",
+    "to_markdown",
+    "write_tables",
+]
 PROG = "peftlab compare"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Tabulate and plot the runs of one or more Hydra sweeps or run directories.",
+        prog=PROG,
+        description="Tabulate and plot the runs of one or more Hydra sweeps or run directories.",
         epilog="Columns: run, the config keys that differ, " + ", ".join(METRIC_COLUMNS) + ", status. "
-        "Plots go into --out, else the one sweep or run directory given, else ./compare.")
+        "Plots go into --out, else the one sweep or run directory given, else ./compare.",
+    )
     parser.add_argument("paths", nargs="+", metavar="DIR", help="sweep directories or run directories")
-    parser.add_argument("--sort", metavar="COL", help="sort by this column; higher-is-better metrics "
-                        "sort descending, others ascending; --sort=-COL sorts descending")
+    parser.add_argument(
+        "--sort",
+        metavar="COL",
+        help="sort by this column; higher-is-better metrics "
+        "sort descending, others ascending; --sort=-COL sorts descending",
+    )
     parser.add_argument("--asc", action="store_true", help="with --sort: always ascending")
     parser.add_argument("--status", metavar="LIST", help="keep only these statuses, e.g. finished,failed")
-    parser.add_argument("--metric", default="accuracy", choices=METRIC_COLUMNS,
-                        help="metric of the plots and of the best run (default: accuracy)")
-    parser.add_argument("--out", metavar="DIR", type=Path, help="write compare.csv, compare.md and the plots into DIR")
-    parser.add_argument("--mean-over", metavar="KEYS", help="average the runs that differ only in these config keys, "
-                        "e.g. seed: one row per setting, with n and the spread of --metric")
+    parser.add_argument(
+        "--metric",
+        default="accuracy",
+        choices=METRIC_COLUMNS,
+        help="metric of the plots and of the best run (default: accuracy)",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", type=Path, help="write compare.csv, compare.md and the plots into DIR"
+    )
+    parser.add_argument(
+        "--mean-over",
+        metavar="KEYS",
+        help="average the runs that differ only in these config keys, "
+        "e.g. seed: one row per setting, with n and the spread of --metric",
+    )
     parser.add_argument("--no-plots", action="store_true", help="do not draw plots")
     return parser
 
@@ -114,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         over = [k.strip() for k in args.mean_over.split(",") if k.strip()]
         missing = [k for k in over if k not in config_columns(table)]
         if missing:
-            return _fail(f"--mean-over: the runs do not differ in {', '.join(missing)}; "
-                         f"config columns: {', '.join(config_columns(table)) or 'none'}")
+            return _fail(
+                f"--mean-over: the runs do not differ in {', '.join(missing)}; "
+                f"config columns: {', '.join(config_columns(table)) or 'none'}"
+            )
         table, keys = mean_over(table, over, args.metric), [k for k in keys if k not in over]
     if args.sort:
         try:
@@ -132,8 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             written += write_tables(table, args.out)
         if not args.no_plots and len(table):
-            written += make_plots(table, runs, keys, args.metric, args.out or output_dir(args.paths),
-                                  loss_curves=not args.mean_over)
+            written += make_plots(
+                table,
+                runs,
+                keys,
+                args.metric,
+                args.out or output_dir(args.paths),
+                loss_curves=not args.mean_over,
+            )
     except OSError as exc:
         return _fail(f"could not write output: {exc}", code=1)
     for path in written:

@@ -93,8 +93,17 @@ def plot_heatmap(table: pd.DataFrame, y_key: str, x_key: str, metric: str, path:
 def _mark_missing(ax, positions: Sequence[float], labels: Sequence[str]) -> None:
     """Grey status text at the bottom of the axes for x positions without a result."""
     for x, label in zip(positions, labels, strict=True):
-        ax.text(x, 0.03, label, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8,
-                color="dimgrey", rotation=90)
+        ax.text(
+            x,
+            0.03,
+            label,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="dimgrey",
+            rotation=90,
+        )
 
 
 def plot_line(table: pd.DataFrame, key: str, metric: str, path: Path) -> Path:
@@ -107,7 +116,14 @@ def plot_line(table: pd.DataFrame, key: str, metric: str, path: Path) -> Path:
     fig, ax = _new_figure(6.4, 4.2)
     ax.plot([x for x, _ in done], [y for _, y in done], marker="o")
     for x, y in done:
-        ax.annotate(format_value(y, metric), (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        ax.annotate(
+            format_value(y, metric),
+            (x, y),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=8,
+        )
     missing = [(x, _status_text(g)) for (x, g), (_, y) in zip(groups, points, strict=True) if math.isnan(y)]
     _mark_missing(ax, [x for x, _ in missing], [s for _, s in missing])
     xs = [x for x, _ in groups]
@@ -130,13 +146,22 @@ def plot_bars(table: pd.DataFrame, key: str, metric: str, path: Path) -> Path:
     heights = [_finished_mean(g, metric) for _, g in groups]
     fig, ax = _new_figure(max(4.8, 1.0 + 1.0 * len(groups)), 4.2)
     bars = ax.bar(range(len(groups)), [0.0 if math.isnan(h) else h for h in heights], color="tab:blue")
-    ax.bar_label(bars, labels=["" if math.isnan(h) else format_value(h, metric) for h in heights], padding=2, fontsize=8)
+    ax.bar_label(
+        bars,
+        labels=["" if math.isnan(h) else format_value(h, metric) for h in heights],
+        padding=2,
+        fontsize=8,
+    )
     missing = [i for i, h in enumerate(heights) if math.isnan(h)]
     _mark_missing(ax, missing, [_status_text(groups[i][1]) for i in missing])
     names = [name for name, _ in groups]
     long_names = max(map(len, names), default=0) > 10
-    ax.set_xticks(range(len(names)), labels=names, rotation=30 if long_names else 0,
-                  ha="right" if long_names else "center")
+    ax.set_xticks(
+        range(len(names)),
+        labels=names,
+        rotation=30 if long_names else 0,
+        ha="right" if long_names else "center",
+    )
     ax.set_xlabel(key)
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(f"{metric} by {key}")
@@ -151,7 +176,9 @@ def loss_curve(metrics: dict | None) -> tuple[list[float], list[float]]:
     for point in points if isinstance(points, list) else []:
         if isinstance(point, (list, tuple)) and len(point) == 2:
             step, loss = point
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in point):
+            if all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in point
+            ):
                 steps.append(float(step))
                 losses.append(float(loss))
     return steps, losses
@@ -205,7 +232,11 @@ def loss_curves_figure(table: pd.DataFrame, runs: Sequence[dict], keys: Sequence
         palette = matplotlib.colormaps["tab10"]
         for n, (label, finished, steps, losses) in enumerate(curves):
             _draw_curve(ax, steps, losses, palette(n), finished, label)
-        ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss" + (f" ({note})" if note else ""))
+        ax.set(
+            xlabel="optimizer step",
+            ylabel="training loss",
+            title="Training loss" + (f" ({note})" if note else ""),
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         return fig
@@ -221,24 +252,34 @@ def loss_curves_figure(table: pd.DataFrame, runs: Sequence[dict], keys: Sequence
         _draw_curve(ax, steps, losses, "tab:blue" if finished else "tab:red", finished)
         ax.set_title(label, fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in axes[len(curves):]:
+    for ax in axes[len(curves) :]:
         ax.set_axis_off()
     for ax in axes[: len(curves)]:
         ax.label_outer()
     fig.supxlabel("optimizer step", fontsize=9)
     fig.supylabel("training loss", fontsize=9)
-    fig.suptitle(f"Training loss, one panel per run ({note + ', ' if note else ''}grey: the other runs)", fontsize=10)
+    fig.suptitle(
+        f"Training loss, one panel per run ({note + ', ' if note else ''}grey: the other runs)", fontsize=10
+    )
     return fig
 
 
-def plot_loss_curves(table: pd.DataFrame, runs: Sequence[dict], keys: Sequence[str], path: Path) -> Path | None:
+def plot_loss_curves(
+    table: pd.DataFrame, runs: Sequence[dict], keys: Sequence[str], path: Path
+) -> Path | None:
     """:func:`loss_curves_figure` saved as PNG at ``path``; None (nothing written) when no run logged a curve."""
     fig = loss_curves_figure(table, runs, keys)
     return None if fig is None else _save(fig, path)
 
 
-def make_plots(table: pd.DataFrame, runs: Sequence[dict], keys: Sequence[str], metric: str, out_dir: Path,
-               loss_curves: bool = True) -> list[Path]:
+def make_plots(
+    table: pd.DataFrame,
+    runs: Sequence[dict],
+    keys: Sequence[str],
+    metric: str,
+    out_dir: Path,
+    loss_curves: bool = True,
+) -> list[Path]:
     """Heatmap (two numeric keys) or line/bar chart (one key), plus loss curves (a row per run only)."""
     written = []
     numeric = [k for k in keys if is_numeric_column(table[k])]

@@ -19,8 +19,16 @@ import yaml
 
 from peftlab.rundir import headline, natural_key
 
-METRIC_COLUMNS = ["accuracy", "macro_f1", "val_accuracy", "gpu_peak_mb", "cpu_peak_mb", "s_per_step", "tokens_per_s",
-                  "wall_s"]
+METRIC_COLUMNS = [
+    "accuracy",
+    "macro_f1",
+    "val_accuracy",
+    "gpu_peak_mb",
+    "cpu_peak_mb",
+    "s_per_step",
+    "tokens_per_s",
+    "wall_s",
+]
 HIGHER_IS_BETTER = {"accuracy", "macro_f1", "val_accuracy", "tokens_per_s"}
 METRIC_LABELS = {
     "accuracy": "accuracy (test split)",
@@ -32,13 +40,34 @@ METRIC_LABELS = {
     "tokens_per_s": "training throughput (tokens/s)",
     "wall_s": "wall time (s)",
 }
-FORMATS = {"accuracy": "{:.3f}", "macro_f1": "{:.3f}", "val_accuracy": "{:.3f}", "gpu_peak_mb": "{:.0f}",
-           "cpu_peak_mb": "{:.0f}", "s_per_step": "{:.4g}", "tokens_per_s": "{:.0f}", "wall_s": "{:.1f}"}
+FORMATS = {
+    "accuracy": "{:.3f}",
+    "macro_f1": "{:.3f}",
+    "val_accuracy": "{:.3f}",
+    "gpu_peak_mb": "{:.0f}",
+    "cpu_peak_mb": "{:.0f}",
+    "s_per_step": "{:.4g}",
+    "tokens_per_s": "{:.0f}",
+    "wall_s": "{:.1f}",
+}
 RESERVED_COLUMNS = {"run", "status", "error", *METRIC_COLUMNS}
 # Keys that differ between runs of one sweep without being part of the experiment.
 NOISE_GROUPS = {"hydra", "paths"}
-NOISE_LEAVES = {"output_dir", "out_dir", "run_dir", "log_dir", "logging_dir", "save_dir", "checkpoint_dir", "cache_dir",
-                "output_path", "job_id", "job_num", "run_id", "timestamp"}
+NOISE_LEAVES = {
+    "output_dir",
+    "out_dir",
+    "run_dir",
+    "log_dir",
+    "logging_dir",
+    "save_dir",
+    "checkpoint_dir",
+    "cache_dir",
+    "output_path",
+    "job_id",
+    "job_num",
+    "run_id",
+    "timestamp",
+}
 ERROR_WIDTH = 60
 STATUS_STYLES = {"finished": "green", "running": "yellow", "missing": "dim", "corrupt": "dim"}  # others: red
 _ABSENT = object()
@@ -277,7 +306,9 @@ def format_value(value: Any, column: str = "") -> str:
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:
     """All cells as display strings (rounded numbers, blanks for missing values)."""
-    return pd.DataFrame({col: [format_value(v, col) for v in table[col]] for col in table.columns}, index=table.index)
+    return pd.DataFrame(
+        {col: [format_value(v, col) for v in table[col]] for col in table.columns}, index=table.index
+    )
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -285,7 +316,9 @@ def to_markdown(table: pd.DataFrame) -> str:
     cells = format_table(table)
     header = "| " + " | ".join(cells.columns) + " |"
     rule = "|" + "|".join("---:" if c in FORMATS else "---" for c in cells.columns) + "|"
-    rows = ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |" for row in cells.itertuples(index=False)]
+    rows = [
+        "| " + " | ".join(v.replace("|", "\\|") for v in row) + " |" for row in cells.itertuples(index=False)
+    ]
     return "\n".join([header, rule, *rows]) + "\n"
 
 
@@ -303,12 +336,19 @@ def print_table(table: pd.DataFrame, file=None) -> None:
     for column in shown:
         right = column in FORMATS or column == "n" or is_numeric_column(table[column])
         grid.add_column(column, justify="right" if right else "left", no_wrap=True)
-    for (_, row), cells in zip(table.iterrows(), format_table(table[shown]).itertuples(index=False), strict=True):
+    for (_, row), cells in zip(
+        table.iterrows(), format_table(table[shown]).itertuples(index=False), strict=True
+    ):
         status = row["status"]
-        texts = [Text(v, style=STATUS_STYLES.get(status, "red") if c == "status" else "") for c, v in zip(shown, cells)]
+        texts = [
+            Text(v, style=STATUS_STYLES.get(status, "red") if c == "status" else "")
+            for c, v in zip(shown, cells)
+        ]
         grid.add_row(*texts, style=None if status == "finished" else "dim")
     console = Console(file=file, width=100_000, highlight=False)
-    with console.capture() as captured:  # then print: a closed pipe raises BrokenPipeError (rich would exit 1)
+    with (
+        console.capture() as captured
+    ):  # then print: a closed pipe raises BrokenPipeError (rich would exit 1)
         console.print(grid)
     print("\n".join(line.rstrip() for line in captured.get().splitlines()), file=file)
 
@@ -349,7 +389,9 @@ def summary_line(table: pd.DataFrame, metric: str, keys: Sequence[str] = ()) -> 
     label = run_label(best, keys)
     where = best["run"] if label == best["run"] else f"{best['run']} ({label})"
     text += f"; best {metric}: {format_value(best[metric], metric)} by {where}"
-    if metric != "accuracy" and pd.notna(best.get("accuracy")):  # chosen without the test split: report it now
+    if metric != "accuracy" and pd.notna(
+        best.get("accuracy")
+    ):  # chosen without the test split: report it now
         text += f", whose accuracy is {format_value(best['accuracy'], 'accuracy')}"
     return text
 
