@@ -1,7 +1,9 @@
-"""The benchmark entry point: the guide-vs-peftlab figures (no subprocess) and one real CPU run."""
+"""The benchmark entry point (benchmarks/bench.py, beside the package, not in it): the guide-vs-peftlab figures and
+the sweep benchmark's (no subprocess), and real CPU runs of both."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,9 +12,19 @@ import time
 
 import pytest
 
-from peftlab import bench
-
 from .conftest import ROOT, write_raft
+
+BENCH = ROOT / "benchmarks" / "bench.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
 
 
 def guide_result(s_per_it: list[float]) -> dict:
@@ -75,7 +87,7 @@ def test_eval_both_figures_and_variant_overrides():
 def test_bench_runs_on_the_cpu(tmp_path):
     data = write_raft(tmp_path / "data" / "twitter_complaints")
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "peftlab.bench", "--model", "tiny_bart", "--configs", "none,stage3_cpu", "--epochs", "1",
+    cmd = [sys.executable, str(BENCH), "--model", "tiny_bart", "--configs", "none,stage3_cpu", "--epochs", "1",
            "--data-dir", str(data), "--out", str(out), "--set", "train.max_length=32", "--set", "save_adapter=false",
            "--set", "eval.batch_size=24", "--timeout", "900"]
     start = time.perf_counter()
@@ -96,3 +108,106 @@ def test_bench_runs_on_the_cpu(tmp_path):
     assert (out / "bench.png").stat().st_size > 1000
     assert (out / "none.log").is_file() and (out / "stage3_cpu" / "metrics.json").is_file()
     print(f"bench CPU run: {time.perf_counter() - start:.0f} s")
+
+
+# ----------------------------------------------------------------------------- the sweep benchmark
+
+
+def test_sweep_rows_name_their_launcher_and_gpus():
+    rows = bench.sweep_rows("basic:1,packed:1,packed:2,fresh,pairs", ["0", "1"])
+    assert rows == [("basic_1gpu", "basic", 1), ("packed_1gpu", "packed", 1), ("packed_2gpu", "packed", 2),
+                    ("fresh_1gpu", "fresh", 1), ("pairs_2gpu", "pairs", 2)]
+    assert bench.sweep_rows("basic,packed:2", []) == [("basic_cpu", "basic", 0), ("packed_cpu", "packed", 0)]  # no GPU: the CPU
+    for spec, line in (("packed:3", "--rows packed:3 needs 3 GPUs, 2 visible"), ("pairs:1", "two-process jobs need 2 GPUs"),
+                       ("ray:1", "unknown kind 'ray'"), ("basic,basic:1", "names basic_1gpu twice")):
+        with pytest.raises(SystemExit, match=line):
+            bench.sweep_rows(spec, ["0", "1"])
+
+
+def test_sweep_rows_run_the_same_sweep_under_each_launcher(tmp_path):
+    args = bench.parse_args(["--sweep", "--sweep-overrides", "model=tiny_bert peft.r=4,8,16 logger=tensorboard", "--set",
+                             "train.max_length=32", "--ray-set", "hydra.launcher.ray.init.num_cpus=2", "--gpu-fraction", "0.25"])
+    basic = bench.sweep_overrides("basic", 1, args, tmp_path / "b")
+    assert basic == ["-m", "logger=tensorboard", "save_adapter=false", "model=tiny_bert", "peft.r=4,8,16", "train.max_length=32",
+                     f"hydra.sweep.dir={tmp_path / 'b'}"]
+    packed = bench.sweep_overrides("packed", 1, args, tmp_path / "p")
+    assert packed[1:6] == basic[1:6] and packed[6:-1] == [
+        "hydra/launcher=ray", "hydra.launcher.ray.remote.num_gpus=0.25", "hydra.launcher.ray.init.num_cpus=2"]
+    assert "hydra.launcher.ray.remote.max_calls=1" in bench.sweep_overrides("fresh", 1, args, tmp_path / "f")
+    assert "hydra.launcher.ray.remote.num_gpus=0.25" not in bench.sweep_overrides("packed", 0, args, tmp_path / "c")  # CPU
+    pairs = bench.sweep_overrides("pairs", 2, args, tmp_path / "2")
+    assert {"peft.r=4,8", "peft.lora_alpha=16,32", "launcher.num_processes=2", "hydra/launcher=ray"} <= set(pairs)
+    assert not any(o.startswith("hydra.launcher.ray.remote.num_gpus") for o in pairs)  # the preset's: num_processes GPUs
+
+
+def write_job(job_dir, status="finished", rows=3, n_eval=3, ttfs=4.0, s_per_step=0.2, labels="complaint"):
+    job_dir.mkdir(parents=True)
+    phases = {"setup": {"start_time": 100.0, "end_time": 101.0, "wall_s": 1.0},
+              "train": {"start_time": 101.0, "end_time": 105.0, "wall_s": 4.0, "s_per_step": s_per_step, "gpu_peak_alloc_mb": 900.0},
+              "eval": {"start_time": 105.0, "end_time": 107.0, "wall_s": 2.0, "gpu_peak_alloc_mb": 1000.0}}
+    (job_dir / "metrics.json").write_text(json.dumps({"status": status, "phases": phases, "time_to_first_step_s": ttfs,
+                                                      "final": {"n_eval": n_eval, "accuracy": 0.5}}))
+    (job_dir / "predictions.csv").write_text("id,prediction\n" + "".join(f"{i},{labels}\n" for i in range(rows)))
+
+
+def test_sweep_job_figures_and_the_records_check(tmp_path):
+    write_job(tmp_path / "0")
+    job = bench.sweep_job(tmp_path / "0")
+    assert (job["span_s"], job["startup_share"], job["predictions"], job["eval_s"]) == (10.0, 0.4, 3, 2.0)  # 4 s + 101..107
+    assert job["gpu_peak_mb"] == 1000.0 and job["labels"] == ["complaint"] * 3
+    write_job(tmp_path / "1")
+    assert bench.records_check([bench.sweep_job(tmp_path / d) for d in "01"]) == ("2/2 finished, 3 predictions each", True)
+    write_job(tmp_path / "2", rows=2)
+    write_job(tmp_path / "3", status="oom", rows=0, n_eval=None)
+    text, ok = bench.records_check([bench.sweep_job(tmp_path / d) for d in "0123"])
+    assert not ok and text == ("3/4 finished; job 3 oom; job 2 2 predictions for n_eval 3; "
+                               "prediction counts differ between jobs: [0, 2, 3]")
+    assert bench.records_check([]) == ("0/0 finished", False)
+
+
+def test_rows_compare_with_the_basic_launchers_wall_time_and_predictions(tmp_path):
+    for row, labels in (("basic", "complaint"), ("packed", "complaint"), ("fresh", "no complaint")):
+        for n in "01":
+            write_job(tmp_path / row / n, labels=labels if n == "1" else "complaint")
+
+    def row(kind, wall):
+        jobs = [bench.sweep_job(tmp_path / kind / n) for n in "01"]
+        return {"row": kind, "kind": kind, "status": "finished", "wall_s": wall, "jobs_detail": jobs,
+                "ratio_to_basic": None, "same_predictions": None}
+
+    rows = bench.compare_rows([row("basic", 100.0), row("packed", 30.0), row("fresh", 50.0)])
+    assert [(r["ratio_to_basic"], r["same_predictions"]) for r in rows] == [(1.0, None), (0.3, "2/2"), (0.5, "1/2")]
+    assert all("labels" not in j for r in rows for j in r["jobs_detail"])  # not into bench.json
+    md = bench.sweep_table(rows, "device: test")
+    assert "| row | GPUs | jobs | wall s | jobs/h | ratio to basic |" in md and "| packed |" in md and "| 0.30 |" in md
+
+
+@pytest.mark.slow
+def test_the_sweep_benchmark_runs_on_the_cpu(tmp_path):
+    """Two tiny_bert jobs on the basic launcher, then packed on Ray (half a CPU each), in one call."""
+    data = write_raft(tmp_path / "data" / "twitter_complaints")
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(BENCH), "--sweep", "--sweep-overrides", "model=tiny_bert train.epochs=1 peft.r=4,8",
+           "--rows", "basic,packed", "--data-dir", str(data), "--out", str(out), "--set", "train.max_length=32",
+           "--timeout", "600"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1300,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert result["device"] == "cpu" and result["versions"]["ray"] and result["cpus_per_job"] == 0.5
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows) == ["basic_cpu", "packed_cpu"]
+    for name, row in rows.items():
+        assert row["status"] == "finished" and row["jobs"] == row["finished"] == 2, (name, row.get("error"))
+        assert row["records"] == "2/2 finished, 24 predictions each", row["records"]  # write_raft: 24 labelled test rows
+        assert row["s_per_step"] > 0 and row["time_to_first_step_s"] > 0 and 0 < row["startup_share"] < 1
+        assert row["jobs_per_hour"] == pytest.approx(2 * 3600 / row["wall_s"], rel=0.01)
+        assert row["gpu_mem_peak_mb"] is None and row["job_gpu_peak_mb"] is None  # the CPU: no GPU figures
+        assert json.loads((out / name / "sweep.json").read_text())["finished"] == 2
+    assert "hydra/launcher=ray" in rows["packed_cpu"]["command"] and "hydra/launcher=ray" not in rows["basic_cpu"]["command"]
+    assert rows["basic_cpu"]["ratio_to_basic"] == 1.0
+    assert rows["packed_cpu"]["ratio_to_basic"] == pytest.approx(rows["packed_cpu"]["wall_s"] / rows["basic_cpu"]["wall_s"], abs=1e-3)
+    assert rows["packed_cpu"]["same_predictions"] == "2/2"  # a packed job predicts what it predicts alone
+    md = (out / "bench.md").read_text()
+    assert md.strip().splitlines()[-1] in proc.stdout and "| packed_cpu |" in md
+    assert (out / "bench.png").stat().st_size > 1000

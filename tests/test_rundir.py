@@ -175,8 +175,10 @@ def test_a_sweep_of_other_config_values_behind_the_same_overrides_is_refused(tmp
 
 def test_compare_bench_and_the_last_line_report_the_same_figures_for_one_record():
     """One reader of metrics.json (rundir.headline): the GPU peak is the highest over all phases for all three."""
-    from peftlab import bench, compare
+    from peftlab import compare
     from peftlab.experiment import summary_line
+
+    from .test_bench import bench  # benchmarks/bench.py, loaded from its file
 
     metrics = {"status": "finished", "run_dir": "runs/x", "wall_s": 12.5, "time_to_first_step_s": 3.2,
                "final": {"split": "test", "accuracy": 0.75, "macro_f1": 0.7, "n_eval": 20},
