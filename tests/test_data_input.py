@@ -359,3 +359,36 @@ def test_a_dataset_without_ids_with_yes_no_labels_and_a_validation_file_trains_a
     assert metrics["truncated_rows"] == {"train": 1, "test": 0, "validation": 0}
     with open(tmp_path / "run" / "predictions.csv", newline="") as f:
         assert [r["id"] for r in csv.DictReader(f)] == [f"validation:{i}" for i in range(1, 7)]
+
+
+# ----------------------------------------------------------------------------- one reader: datasets.load_dataset
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_jsonl_and_parquet_read_as_the_same_rows_as_csv(tmp_path, fmt):
+    """csv, jsonl and parquet all go through datasets.load_dataset; numbers and nulls come out as the csv's text."""
+    import pandas as pd
+
+    lines = [{"text": f"tweet {i}", "id": 10 + i, "label": [1, 2, None][i % 3]} for i in range(6)]
+    folder = tmp_path / fmt
+    folder.mkdir()
+    frame = pd.DataFrame(lines).astype({"label": "Int64"})
+    for name in ("train", "test"):
+        frame.to_csv(folder / f"{name}.csv", index=False)
+        frame.to_json(folder / f"{name}.jsonl", orient="records", lines=True) if fmt == "jsonl" else frame.to_parquet(folder / f"{name}.parquet")
+    labels = "  1: complaint\n  2: other"
+    as_csv = data.load_splits(make_cfg(tmp_path / "a", *custom_dataset(tmp_path / "a", dataset_yaml(labels, id_column="id")),
+                                       data_dir=folder).dataset)
+    other = data.load_splits(make_cfg(tmp_path / "b", *custom_dataset(tmp_path / "b", dataset_yaml(labels, id_column="id", fmt=fmt)),
+                                      data_dir=folder).dataset)
+    assert [(r["id"], r["text"], r["label"]) for r in other["train"]] == [(r["id"], r["text"], r["label"]) for r in as_csv["train"]]
+    assert [r["label"] for r in other["train"]] == [0, 1, -1, 0, 1, -1]
+
+
+def test_too_few_rows_to_carve_a_validation_split_is_one_line(tmp_path):
+    folder = tmp_path / "data"
+    write_table(folder / "train.csv", [["only tweet", "1", "1"], ["second tweet", "2", "2"], ["third", "3", "1"]])
+    write_table(folder / "test.csv", [["a test tweet", "9", "1"]])
+    cfg = make_cfg(tmp_path, "eval.split=validation", "eval.val_fraction=0.2", data_dir=folder)
+    with pytest.raises(ConfigError, match=r"eval.split=validation: 3 labelled training rows are too few to hold out eval.val_fraction=0.2"):
+        data.eval_plan(cfg, data.load_splits(cfg.dataset))

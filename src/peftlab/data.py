@@ -1,5 +1,9 @@
 """Classification data: read splits (local folder or hub), choose held-out rows, tokenize, batch.
 
+Local csv/jsonl/parquet files and the hub copy are read by one call, ``datasets.load_dataset``; held-out
+rows and folds are scikit-learn's StratifiedKFold folds. torch is imported only to batch (validation
+reads and checks the data without it).
+
 A row is ``{"id": str, "text": str, "label": int, ...}`` with ``label`` the index into the dataset's
 label names, or -1 for an unlabeled row. ``id`` is the file's ``dataset.id_column`` value, or, for a
 dataset without one, the row's number in its file named by its split (``test:17``, the 17th data row);
@@ -19,13 +23,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import random
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig
 
 from peftlab.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -119,61 +126,102 @@ def resolve_data_dir(ds: DictConfig, data_root: str | None) -> Path | None:
     return None
 
 
-def _read_table(path: Path, fmt: str):
+BUILDERS = {"csv": "csv", "jsonl": "json", "parquet": "parquet"}  # dataset.format -> datasets' packaged builder
+
+
+def _load_dataset(path: str, *args, **kwargs):
+    """The one reader of local files and hub copies alike: ``datasets.load_dataset`` (Arrow, cached on disk)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # "Generating train split" bars for each file of each job
+    return datasets.load_dataset(path, *args, **kwargs)
+
+
+def read_columns(path: Path, fmt: str) -> dict[str, list[str]]:
+    """{column: its cells as text} of a csv, jsonl or parquet file, read by ``datasets.load_dataset``;
+    every cell is text (a number as the file writes it in a csv, as ``str`` makes it elsewhere), a
+    missing one (empty csv cell, JSON or Parquet null) the empty text. The lists are shared by every
+    call for the same unchanged file (a sweep's jobs read it once): do not change them.
+    ConfigError, naming the file and the fix, on a missing, undecodable or malformed file."""
+    if fmt not in BUILDERS:
+        raise ConfigError(f"dataset.format={fmt} must be csv, jsonl or parquet")
     if not path.is_file():
         raise ConfigError(f"{path}: file not found; check dataset.data_dir and dataset.files")
     stat = path.stat()
-    return _read_table_cached(path.resolve(), fmt, stat.st_mtime_ns, stat.st_size).copy()
+    return _read_cached(path.resolve(), fmt, stat.st_mtime_ns, stat.st_size)
+
+
+def _read_table(path: Path, fmt: str):
+    """``read_columns`` as a pandas DataFrame (``peftlab predict`` reads its --input with it)."""
+    import pandas as pd
+
+    return pd.DataFrame(read_columns(path, fmt))
 
 
 @functools.lru_cache(maxsize=16)  # jobs of a sweep read the same files: once, unless they change
-def _read_table_cached(path: Path, fmt: str, mtime_ns: int, size: int):
-    import pandas as pd
-
+def _read_cached(path: Path, fmt: str, mtime_ns: int, size: int) -> dict[str, list[str]]:
     try:
-        if fmt == "csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-        if fmt == "jsonl":
-            return _as_text(pd.read_json(path, lines=True, dtype=False))
-        if fmt == "parquet":
-            return _as_text(pd.read_parquet(path))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
-    except ValueError as e:  # pandas' parser errors and empty files are ValueErrors
-        raise ConfigError(f"{path}: cannot be read as {fmt} ({str(e).splitlines()[0]}); fix the file or dataset.format") from None
-    raise ConfigError(f"dataset.format={fmt} must be csv, jsonl or parquet")
+        options = {}
+        if fmt == "csv":  # every column as text, as the file writes it: "01" stays 01, an ID keeps its zeros
+            import datasets
+            import pandas as pd
+
+            header = pd.read_csv(path, nrows=1, encoding="utf-8", dtype=str)
+            if header.empty:  # a header alone: no split to load (datasets refuses one), and _rows says so
+                return {str(c): [] for c in header.columns}
+            options = {"features": datasets.Features({str(c): datasets.Value("string") for c in header.columns}),
+                       "keep_default_na": False, "encoding": "utf-8"}
+        table = _load_dataset(BUILDERS[fmt], data_files={"rows": str(path)}, split="rows", **options)
+    except Exception as e:  # datasets wraps the parser's error: the cause says what is wrong
+        cause = _cause(e)
+        if isinstance(cause, UnicodeDecodeError):
+            raise ConfigError(f"{path}: not valid UTF-8 ({cause.reason} at byte {cause.start}); re-encode the file as UTF-8") from None
+        raise ConfigError(f"{path}: cannot be read as {fmt} ({_first_line(cause)}); fix the file or dataset.format") from None
+    return _as_text(table)
 
 
-def _as_text(frame):
-    """Every cell as text, a missing one (JSON null, Parquet null, NaN) as the empty text a CSV has there."""
-    frame = frame.astype(object)
-    return frame.where(frame.notna(), "").astype(str)
+def _cause(error: BaseException) -> BaseException:
+    """The innermost exception a library's wrapper (datasets' DatasetGenerationError) was raised from."""
+    seen = set()
+    while id(error) not in seen and (error.__cause__ or error.__context__) is not None:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def _as_text(table) -> dict[str, list[str]]:
+    """A datasets.Dataset as {column: cells as text}, a missing cell (null, NaN) as the empty text a csv has there."""
+    return {name: ["" if v is None or v != v else str(v) for v in table.data.column(name).to_pylist()]
+            for name in table.column_names}
 
 
 def _read_hub(ds: DictConfig) -> dict:
     try:
-        import datasets
-
-        loaded = datasets.load_dataset(ds.hub.path, ds.hub.name, revision=ds.hub.revision)
+        loaded = _load_dataset(ds.hub.path, ds.hub.name, revision=ds.hub.revision)
     except Exception as e:  # offline, missing repo, ...: the fix is the same
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(
             f"dataset {ds.name}: no local folder and the hub copy {ds.hub.path}/{ds.hub.name} could not be loaded ({first[:160]}); "
             f"set dataset.data_dir=PATH (or PEFTLAB_DATA_DIR) to a local copy"
         ) from None
-    return {split: _as_text(loaded[split].to_pandas()) for split in ds.files if split in loaded}
+    return {split: _as_text(loaded[split]) for split in ds.files if split in loaded}
 
 
-def _rows(frame, source: str, ds: DictConfig, split: str, lookup: dict[tuple, int]) -> list[dict]:
+def _rows(table: dict[str, list[str]], source: str, ds: DictConfig, split: str, lookup: dict[tuple, int]) -> list[dict]:
     for key in ("text_column", "label_column"):
         column = ds[key]
-        if column not in frame.columns:
-            raise ConfigError(f"{source}: no column '{column}' (dataset.{key}); columns are: {', '.join(map(str, frame.columns))}")
+        if column not in table:
+            raise ConfigError(f"{source}: no column '{column}' (dataset.{key}); columns are: {', '.join(map(str, table))}")
     id_column = ds.get("id_column")
-    has_ids = bool(id_column) and id_column in frame.columns
+    has_ids = bool(id_column) and id_column in table
     by_name = {name: i for i, name in enumerate(label_names(ds))}
-    texts, raws = frame[ds.text_column].tolist(), frame[ds.label_column].tolist()  # columns once: .iloc per row costs ~25 us
-    ids = [str(v) for v in frame[id_column].tolist()] if has_ids else [f"{split}:{n}" for n in range(1, len(texts) + 1)]
+    texts, raws = table[ds.text_column], table[ds.label_column]
+    ids = table[id_column] if has_ids else [f"{split}:{n}" for n in range(1, len(texts) + 1)]
     if has_ids:
         _check_ids(ids, source, id_column)
     labels: dict[str, int] = {}  # a file has few distinct label cells: each is read once
@@ -228,13 +276,13 @@ def load_splits(ds: DictConfig, data_root: str | None = None) -> dict[str, list[
                           f"rename the key (a held-out file is dataset.files.validation) or remove it")
     folder = resolve_data_dir(ds, data_root)
     if folder is not None:
-        tables = {split: (_read_table(folder / name, ds.format), str(folder / name)) for split, name in ds.files.items()}
+        tables = {split: (read_columns(folder / name, ds.format), str(folder / name)) for split, name in ds.files.items()}
     else:
-        tables = {split: (frame, f"{ds.hub.path}/{ds.hub.name}[{split}]") for split, frame in _read_hub(ds).items()}
+        tables = {split: (table, f"{ds.hub.path}/{ds.hub.name}[{split}]") for split, table in _read_hub(ds).items()}
     if "train" not in tables:
         raise ConfigError("dataset.files has no 'train' entry; name the training file, e.g. dataset.files.train=train.csv")
     lookup = _label_lookup(ds)
-    splits = {split: _rows(frame, source, ds, split, lookup) for split, (frame, source) in tables.items()}
+    splits = {split: _rows(table, source, ds, split, lookup) for split, (table, source) in tables.items()}
     if not any(r["label"] >= 0 for r in splits["train"]):
         raise ConfigError(f"{tables['train'][1]}: no labelled rows to train on; check dataset.label_column and dataset.labels")
     return splits
@@ -243,18 +291,21 @@ def load_splits(ds: DictConfig, data_root: str | None = None) -> dict[str, list[
 # ----------------------------------------------------------------------------- held-out rows
 
 
+def _stratified(rows: list[dict], k: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """scikit-learn's StratifiedKFold over the rows' labels: k (train, held-out) index lists, each in
+    file order; deterministic for a seed. ``k`` at most ``len(rows)``."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedKFold
+
+    with warnings.catch_warnings():  # a label with fewer rows than k folds: doubts() names what that leaves out
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        return [(train.tolist(), held.tolist()) for train, held in splitter.split(np.zeros(len(rows)), [r["label"] for r in rows])]
+
+
 def stratified_folds(rows: list[dict], k: int, seed: int) -> list[list[dict]]:
-    """k folds with each label spread evenly; deterministic for a seed."""
-    rng = random.Random(seed)
-    folds: list[list[dict]] = [[] for _ in range(k)]
-    start = 0
-    for label in sorted({r["label"] for r in rows}):
-        group = [r for r in rows if r["label"] == label]
-        rng.shuffle(group)
-        for i, row in enumerate(group):
-            folds[(start + i) % k].append(row)
-        start += len(group)
-    return folds
+    """k folds with each label spread evenly (StratifiedKFold); deterministic for a seed."""
+    return [[rows[i] for i in held] for _, held in _stratified(rows, k, seed)]
 
 
 def eval_plan(cfg: DictConfig, splits: dict[str, list[dict]]) -> tuple[str, list[tuple[list[dict], list[dict]]]]:
@@ -280,21 +331,22 @@ def eval_plan(cfg: DictConfig, splits: dict[str, list[dict]]) -> tuple[str, list
         if "validation" in splits:
             log.warning("the validation file %s has no labelled rows: carving validation rows from train instead",
                         splits["validation"][0].get("source", "validation"))
-        k = max(2, round(1 / cfg.eval.val_fraction))
-        held = stratified_folds(train, k, cfg.seed)[0]
+        k = max(2, round(1 / cfg.eval.val_fraction))  # the first of k stratified folds: 1/k of each label
+        if len(train) < k:
+            raise ConfigError(f"eval.split=validation: {len(train)} labelled training rows are too few to hold out "
+                              f"eval.val_fraction={cfg.eval.val_fraction} of them; add rows, or use eval.split=test")
+        kept, held = ([train[i] for i in idx] for idx in _stratified(train, k, cfg.seed)[0])
         log.info("evaluating on a validation split carved from train (eval.val_fraction=%s: %d of %d rows; "
                  "a dataset.files.validation file would be used instead)", cfg.eval.val_fraction, len(held), len(train))
-        taken = {id(r) for r in held}
-        return "validation", [([r for r in train if id(r) not in taken], held)]
+        return "validation", [(kept, held)]
     return "kfold", kfold_plan(train, cfg.eval.folds, cfg.seed)
 
 
 def kfold_plan(train: list[dict], k: int, seed: int) -> list[tuple[list[dict], list[dict]]]:
-    """k (train, held-out) pairs; every row is held out exactly once."""
-    folds = stratified_folds(train, k, seed)
-    if min(len(f) for f in folds) == 0:
+    """k (train, held-out) pairs, stratified (StratifiedKFold); every row is held out exactly once."""
+    if k > len(train):
         raise ConfigError(f"eval.folds={k} is more than the {len(train)} labelled training rows allow; lower eval.folds")
-    return [([r for j, f in enumerate(folds) if j != i for r in f], fold) for i, fold in enumerate(folds)]
+    return [([train[i] for i in kept], [train[i] for i in held]) for kept, held in _stratified(train, k, seed)]
 
 
 def _where(row: dict) -> str:
@@ -535,6 +587,8 @@ def _cut(texts: list[str], tokenizer, prompt: str, specials: bool, budget: int, 
 
 
 def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    import torch
+
     width = max(len(s) for s in seqs)
     return torch.tensor([[value] * (width - len(s)) + s if left else s + [value] * (width - len(s)) for s in seqs])
 
@@ -546,6 +600,8 @@ class Collator:
         self.task, self.purpose, self.pad_id, self.targets = task, purpose, pad_id, targets
 
     def __call__(self, feats: list[dict]) -> dict:
+        import torch
+
         batch = {"row": torch.tensor([f["row"] for f in feats])}
         if self.task == "seq_cls":
             batch.update(self._inputs([f["input_ids"] for f in feats]))
@@ -579,5 +635,7 @@ class Collator:
 
 
 def loader(feats: list[dict], collator: Collator, batch_size: int, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
+    import torch
+
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return torch.utils.data.DataLoader(feats, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collator)
