@@ -61,7 +61,7 @@ BAD = [
     (["train.mixed_precision=fp16"], None, "train.mixed_precision=fp16 needs a GPU"),
     (["model.task=regression"], None, "model.task=regression is not one of"),
     (["model.pretrained=./no/such/model"], None, "no such folder"),
-    (["model=tiny_bart", "model.task=seq_cls", "+model.pooling=mean"], None, "model.pooling=mean needs an encoder with a pooler"),
+    (["model=tiny_bart", "model.task=seq_cls", "model.pooling=mean"], None, "model.pooling=mean needs an encoder with a pooler"),
     (["dataset.data_dir=/no/such/folder"], "skip_data_dir", "dataset.data_dir=/no/such/folder: no such folder"),
     (["dataset.text_column=Text"], "ok", "no column 'Text' (dataset.text_column)"),
     (["dataset.format=xml"], "ok", "dataset.format=xml must be csv, jsonl or parquet"),
