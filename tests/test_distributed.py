@@ -337,7 +337,8 @@ from peftlab import checkpoint, distributed
 from tests.conftest import make_cfg
 
 run_dir = Path(sys.argv[1])
-acc = distributed.make_accelerator(make_cfg(run_dir, {zero!r}), str(run_dir))
+cfg = make_cfg(run_dir, {zero!r})
+acc = distributed.make_accelerator(cfg.zero, cfg.train, str(run_dir))
 model = torch.nn.Linear(4, 2)
 model, optimizer = acc.prepare(model, torch.optim.AdamW(model.parameters()))
 original = accelerate.accelerator.save_accelerator_state

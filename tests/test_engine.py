@@ -7,16 +7,25 @@ import torch
 from accelerate import Accelerator
 
 from peftlab import data, engine, modeling
+from peftlab.config import peft_method
 from peftlab.distributed import reset_state
 
 from .conftest import make_cfg
+
+
+def build(cfg, num_labels: int, total_steps: int = 10):
+    """The run's model with its adapter, as peftlab.fit builds it."""
+    weights = modeling.base_weights(cfg.model, cfg.seed, num_labels, cfg.paths.cache_dir)
+    adapter = modeling.peft_config(cfg.peft, peft_method(cfg), cfg.model.task, total_steps)
+    return modeling.build_model(cfg.model, num_labels, weights, seed=cfg.seed,
+                                pad_token_id=modeling.load_tokenizer(cfg.model).pad_token_id, peft=adapter)
 
 
 def _setup(tmp_path, tiny_data, *overrides):
     cfg = make_cfg(tmp_path, *overrides, data_dir=tiny_data)
     names = data.label_names(cfg.dataset)
     torch.manual_seed(0)
-    model = modeling.build_model(cfg, len(names), total_steps=10).eval()
+    model = build(cfg, len(names)).eval()
     for name, p in model.named_parameters():  # a non-trivial adapter: LoRA's B starts at zero
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
@@ -81,7 +90,7 @@ def test_mean_pooling_averages_the_tokens_and_ignores_padding(tmp_path, tiny_dat
 
 def test_head_first_schedule_holds_the_adapter_until_the_head_has_trained(tmp_path):
     cfg = make_cfg(tmp_path, "model=tiny_bert")
-    model = modeling.build_model(cfg, 2, total_steps=10)
+    model = build(cfg, 2)
     head, rest = modeling.parameter_groups(model)
     assert head["params"] and all(p.shape[0] == 2 for p in head["params"])  # the classifier's weight and bias
     optimizer = torch.optim.SGD([head, rest], lr=1.0)

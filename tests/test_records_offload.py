@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from peftlab.distributed import deepspeed_config
+from peftlab.distributed import deepspeed_config, note_cpu_adam_build
 
 from .conftest import make_cfg
 
@@ -18,7 +18,7 @@ CPU_ADAM = "deepspeed.ops.adam.DeepSpeedCPUAdam"
 def test_offload_configs_use_torch_adamw_and_deepspeed_keeps_it(tmp_path, zero):
     cfg = make_cfg(tmp_path, f"zero={zero}")
     assert cfg.optimizer._target_ == "torch.optim.AdamW"
-    assert deepspeed_config(cfg)["zero_force_ds_cpu_optimizer"] is False  # else Accelerate swaps in CPU Adam
+    assert deepspeed_config(cfg.zero, cfg.train)["zero_force_ds_cpu_optimizer"] is False  # else Accelerate swaps in CPU Adam
     assert make_cfg(tmp_path, f"zero={zero}", f"zero.optimizer={CPU_ADAM}").optimizer._target_ == CPU_ADAM
     assert make_cfg(tmp_path, "zero=stage3_cpu_guide").optimizer._target_ == CPU_ADAM  # what the guide ran
 
@@ -56,7 +56,7 @@ def test_cpu_adam_build_is_announced_once_not_when_cached(tmp_path, monkeypatch,
     def notes():
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="peftlab"):
-            deepspeed_config(cfg)
+            note_cpu_adam_build(cfg.optimizer._target_)
         return [r.getMessage() for r in caplog.records if "CPU Adam" in r.getMessage()]
 
     assert len(notes()) == 1 and f"cached in {folder} " in notes()[0]
@@ -68,5 +68,5 @@ def test_cpu_adam_build_is_announced_once_not_when_cached(tmp_path, monkeypatch,
     assert notes() == []  # cached
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     with caplog.at_level(logging.INFO, logger="peftlab"):
-        deepspeed_config(make_cfg(tmp_path, "zero=stage3_cpu"))  # torch AdamW: nothing to build
+        note_cpu_adam_build(make_cfg(tmp_path, "zero=stage3_cpu").optimizer._target_)  # torch AdamW: nothing to build
     assert not [r for r in caplog.records if "CPU Adam" in r.getMessage()]

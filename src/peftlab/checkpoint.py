@@ -121,6 +121,8 @@ class Checkpointer:
         return by_step or by_epoch
 
     def save(self, state: dict) -> Path:
+        """``step_N/``: Accelerate's ``save_state`` and ``state`` (``engine.TrainState.to_json``, which holds
+        ``step``, ``epoch`` and ``batch``) as trainer_state.json, with this run's number of processes; a collective."""
         acc = self.accelerator
         final = self.dir / f"step_{state['step']}"
         if final.is_dir() and (final / STATE).is_file():  # e.g. a signal right after a scheduled save
@@ -145,11 +147,13 @@ class Checkpointer:
         log.info("checkpoint %s (epoch %d, batch %d)", final, state["epoch"], state["batch"])
         return final
 
-    def load(self, folder: Path) -> None:
-        """Model, optimizer, scheduler and RNG states from ``folder``; every torch.load with weights_only=True."""
+    def load(self, folder: Path) -> dict:
+        """Model, optimizer, scheduler and RNG states from ``folder``, every torch.load with weights_only=True;
+        returns its trainer state as saved (``engine.TrainState.from_json`` reads it)."""
         with _deepspeed_weights_only(self.accelerator):
             self.accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
         self.last = folder
+        return read_json(Path(folder) / STATE)
 
 
 @contextlib.contextmanager

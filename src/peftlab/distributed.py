@@ -41,11 +41,10 @@ def cpu_adam_build_dir() -> str | None:
     return folder
 
 
-def note_cpu_adam_build(cfg: DictConfig) -> None:
-    """One line before the optimizer is built, where it is DeepSpeed's CPU Adam and not built yet: its
-    first use compiles C++ for minutes, silently."""
-    target = OmegaConf.select(cfg, "optimizer._target_", default="") or ""
-    if not target.endswith("DeepSpeedCPUAdam") or rank() != 0:
+def note_cpu_adam_build(optimizer_target: str | None) -> None:
+    """One line before the optimizer (``optimizer._target_``) is built, where it is DeepSpeed's CPU Adam and not
+    built yet: its first use compiles C++ for minutes, silently."""
+    if not (optimizer_target or "").endswith("DeepSpeedCPUAdam") or rank() != 0:
         return
     folder = cpu_adam_build_dir()
     if folder is not None:
@@ -54,10 +53,8 @@ def note_cpu_adam_build(cfg: DictConfig) -> None:
             "(TORCH_EXTENSIONS_DIR moves it; zero.optimizer=torch.optim.AdamW needs no build)", folder)
 
 
-def deepspeed_config(cfg: DictConfig) -> dict | None:
-    """The DeepSpeed config for this run, or None for zero=none."""
-    note_cpu_adam_build(cfg)
-    z = cfg.zero
+def deepspeed_config(z: DictConfig, train: DictConfig) -> dict | None:
+    """The DeepSpeed config for the run's ``zero`` (``z``) and ``train`` sections, or None for zero stage 0."""
     if z.stage == 0:
         return None
     zero = {"stage": z.stage, **OmegaConf.to_container(z.settings, resolve=True)}
@@ -69,9 +66,9 @@ def deepspeed_config(cfg: DictConfig) -> dict | None:
             if device == "nvme":
                 zero[f"offload_{kind}"]["nvme_path"] = z[f"offload_{kind}_nvme_path"]
     return {
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "gradient_clipping": cfg.train.max_grad_norm or 0.0,
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.max_grad_norm or 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         # zero.optimizer is the optimizer, offloaded or not: without this Accelerate swaps a torch
@@ -121,16 +118,17 @@ def world_of_one():
         os.environ.update(saved)
 
 
-def make_accelerator(cfg: DictConfig, project_dir: str, log_with: str | None = None) -> Accelerator:
-    """A fresh Accelerator for one training (state of any earlier one in this process is reset)."""
+def make_accelerator(z: DictConfig, train: DictConfig, project_dir: str, log_with: str | None = None) -> Accelerator:
+    """A fresh Accelerator for one training with the run's ``zero`` (``z``) and ``train`` sections, its
+    trackers (``log_with``) writing under ``project_dir``; state of any earlier one in this process is reset.
+    RuntimeError when WORLD_SIZE > 1 and Accelerate would not train the ranks together."""
     reset_state()
-    ds = deepspeed_config(cfg)
+    ds = deepspeed_config(z, train)
     plugin = None
     os.environ["ACCELERATE_USE_DEEPSPEED"] = str(ds is not None).lower()  # read by PartialState below
     if ds is not None:
         ensure_process_group_env()
-        plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=bool(cfg.zero.zero3_init),
-                                 zero3_save_16bit_model=cfg.zero.stage == 3)
+        plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=bool(z.zero3_init), zero3_save_16bit_model=z.stage == 3)
         plugin.deepspeed_config["steps_per_print"] = ds["steps_per_print"]  # Accelerate sets inf: not standard JSON
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not torch.cuda.is_available() and (ds is not None or world > 1):
@@ -140,11 +138,11 @@ def make_accelerator(cfg: DictConfig, project_dir: str, log_with: str | None = N
         # distributed: no DDP, no gradient all-reduce, no barriers, evaluation gathered from rank 0 only.
         # DeepSpeed wants cpu=False (AcceleratorState turns DeepSpeed off under cpu=True).
         PartialState(cpu=ds is None, backend="gloo")
-    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.train.get("tf32", False))  # per run: a sweep's jobs may differ
+    torch.backends.cuda.matmul.allow_tf32 = bool(train.tf32)  # per run: a sweep's jobs may differ
     accelerator = Accelerator(
         deepspeed_plugin=plugin,
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.grad_accum,
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.grad_accum,
         log_with=log_with,
         project_dir=project_dir,
     )

@@ -20,6 +20,7 @@ import signal
 import statistics
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -104,95 +105,161 @@ def train_loader(feats, collate_fn, batch_size: int, seed: int) -> torch.utils.d
                                        collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
 
 
-def train(accelerator, model, optimizer, scheduler, loader, epochs: int, *, task: str, max_grad_norm, adalora: bool,
-          on_epoch=None, profile_steps: int = 0, profile_to=None, checkpointer=None, start: dict | None = None) -> dict:
-    """Train for ``epochs``; returns per-epoch figures, the loss curve and step statistics.
+@dataclass
+class Parts:
+    """What one training steps, as ``accelerator.prepare`` returned it."""
 
-    With ``profile_steps`` > 0 the first that many batches of the second epoch run under the torch
-    profiler and its table (top operators by device, then host, time) goes to ``profile_to``.
-    ``checkpointer`` (peftlab.checkpoint.Checkpointer) saves at its interval and on SIGTERM/SIGINT;
-    ``start`` is a checkpoint's trainer state to continue from (its model/optimizer states loaded).
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # an LR scheduler, stepped once per batch (Accelerate skips the batches of an accumulation)
+    loader: torch.utils.data.DataLoader  # ``train_loader``'s, prepared
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the loop trains: ``epochs`` in all; ``task`` (seq_cls, seq2seq, causal_lm) picks the loss;
+    gradients clipped to ``max_grad_norm`` (None or 0: not clipped); ``adalora``: AdaLoRA re-allocates ranks
+    after each optimizer step; ``profile_steps`` > 0: that many batches of the second epoch run under the
+    torch profiler and its table (top operators by device, then host, time) goes to ``profile_to``."""
+
+    epochs: int
+    task: str
+    max_grad_norm: float | None = None
+    adalora: bool = False
+    profile_steps: int = 0
+    profile_to: Path | None = None
+
+
+def _new_history() -> dict:
+    return {"epochs": [], "loss_curve": [], "lr_curve": [], "step_s": []}
+
+
+@dataclass
+class TrainState:
+    """Where a training stands: what the loop advances, and what a checkpoint saves and restores
+    (``to_json`` and ``from_json``: the one spelling of ``trainer_state.json``).
+
+    ``epoch``: the epoch under way (at an epoch's end, the next one); ``batch``: batches of it this process
+    has seen; ``step``: optimizer steps done; ``epoch_losses``: the epoch's per-batch losses so far, 0-d
+    tensors on the device (read at checkpoints and at the epoch's end, not per step); ``tokens``,
+    ``samples``: this process's counts for the epoch; ``history``: ``epochs`` (per-epoch figures),
+    ``loss_curve`` and ``lr_curve`` ([optimizer step, value] pairs; the LR of each optimizer group),
+    ``step_s`` (seconds per optimizer step) and ``first_step_at`` (Unix seconds).
     """
-    history = {"epochs": [], "loss_curve": [], "step_s": []}
-    step, first_epoch, skip = 0, 0, 0
-    if start is not None:
-        history = {k: v for k, v in start["history"].items()}
-        step, first_epoch, skip = start["step"], start["epoch"], start["batch"]
-    bar = tqdm(total=epochs * len(loader), initial=first_epoch * len(loader) + skip, desc="train",
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    epoch_losses: list = field(default_factory=list)
+    tokens: int = 0
+    samples: int = 0
+    history: dict = field(default_factory=_new_history)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch, self.epoch_losses, self.tokens, self.samples = self.epoch + 1, 0, [], 0, 0
+
+    def to_json(self, epoch_losses: list[float]) -> dict:
+        """The state for ``trainer_state.json``, with the epoch's losses as ``epoch_losses`` (host floats)."""
+        return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "epoch_losses": epoch_losses,
+                "tokens": self.tokens, "samples": self.samples, "history": self.history}
+
+    @classmethod
+    def from_json(cls, saved: dict, device) -> TrainState:
+        """The state ``to_json`` wrote (its losses back on ``device``); a checkpoint without an LR curve gets an empty one."""
+        losses = [torch.tensor(v, dtype=torch.float32, device=device) for v in saved["epoch_losses"]]
+        return cls(saved["epoch"], saved["batch"], saved["step"], losses, saved["tokens"], saved["samples"],
+                   {**_new_history(), **saved["history"]})
+
+
+def train(accelerator, parts: Parts, settings: LoopSettings, state: TrainState | None = None, checkpointer=None,
+          on_epoch=None) -> dict:
+    """Train until ``settings.epochs`` are done, from ``state`` (a checkpoint's, its model and optimizer states
+    loaded; None: from the start). Returns the history (``TrainState``) with ``s_per_step``, the median
+    seconds per optimizer step after the first epoch. ``checkpointer`` (peftlab.checkpoint.Checkpointer)
+    saves at its interval and on SIGTERM/SIGINT; ``on_epoch(history)`` is called after each epoch.
+    Raises Diverged (a NaN/inf loss) and Interrupted (a stop signal, after its checkpoint)."""
+    state = state if state is not None else TrainState()
+    total = settings.epochs * len(parts.loader)
+    bar = tqdm(total=total, initial=state.epoch * len(parts.loader) + state.batch, desc="train",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     STOP.training = True
     try:
-        for epoch in range(first_epoch, epochs):
-            step = _train_epoch(accelerator, model, optimizer, scheduler, loader, epoch, epochs, step, skip, history, bar,
-                                task=task, max_grad_norm=max_grad_norm, adalora=adalora, on_epoch=on_epoch, profile_steps=profile_steps,
-                                profile_to=profile_to, checkpointer=checkpointer, start=start if epoch == first_epoch else None)
-            skip = 0
+        while state.epoch < settings.epochs:
+            _train_epoch(accelerator, parts, settings, state, checkpointer, bar, on_epoch)
     finally:
         STOP.training = False
     bar.close()
-    steady = history["step_s"][len(history["step_s"]) // max(epochs, 1):] or history["step_s"]  # skip epoch 1 (warm-up)
+    history = state.history
+    steady = history["step_s"][len(history["step_s"]) // max(settings.epochs, 1):] or history["step_s"]  # skip epoch 1 (warm-up)
     history["s_per_step"] = round(statistics.median(steady), 5) if steady else None
     return history
 
 
-def _train_epoch(accelerator, model, optimizer, scheduler, loader, epoch, epochs, step, skip, history, bar, *, task,
-                 max_grad_norm, adalora, on_epoch, profile_steps, profile_to, checkpointer, start) -> int:
-    """One epoch from batch ``skip`` on; returns the optimizer step reached."""
-    model.train()
-    clock, losses, tokens, samples = StepClock(), [], 0, 0
-    if start is not None and skip:  # the unfinished epoch's figures up to the checkpoint
-        losses = [torch.tensor(v, dtype=torch.float32, device=accelerator.device) for v in start["epoch_losses"]]
-        tokens, samples = start["tokens"], start["samples"]
-    loader.set_epoch(epoch)
-    batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-    profiler = _profiler(profile_steps) if epoch == min(1, epochs - 1) and profile_steps and not skip else None
+def _train_epoch(accelerator, parts: Parts, settings: LoopSettings, state: TrainState, checkpointer, bar, on_epoch) -> None:
+    """One epoch, from batch ``state.batch`` on; ``state`` then stands at the next epoch."""
+    parts.model.train()
+    clock, skip = StepClock(), state.batch
+    parts.loader.set_epoch(state.epoch)
+    batches = accelerator.skip_first_batches(parts.loader, skip) if skip else parts.loader
+    profiling = settings.profile_steps and state.epoch == min(1, settings.epochs - 1) and not skip
+    profiler = _profiler() if profiling else None
     clock.tick()
     for i, batch in enumerate(batches, start=skip):
-        if profiler is not None and i == profile_steps:
-            _write_profile(profiler, profile_to)
+        if profiler is not None and i == settings.profile_steps:
+            _write_profile(profiler, settings.profile_to)
             profiler = None
         batch.pop("row")
-        tokens += batch.pop("num_tokens")
-        samples += len(batch["input_ids"])
-        with accelerator.accumulate(model):
-            loss = training_loss(model, batch, task)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            if adalora and accelerator.sync_gradients:
-                accelerator.unwrap_model(model).base_model.update_and_allocate(step)
-            scheduler.step()
-            optimizer.zero_grad()
-        losses.append(loss.detach())
+        state.tokens += batch.pop("num_tokens")
+        state.samples += len(batch["input_ids"])
+        lrs = [group["lr"] for group in parts.optimizer.param_groups]  # what this batch's optimizer step uses
+        state.epoch_losses.append(_step(accelerator, parts, settings, batch, state.step))
+        state.batch = i + 1
         bar.update(1)
-        if accelerator.sync_gradients:
-            step += 1
-            clock.tick()
-            if step == 1:
-                synchronize()
-                history["first_step_at"] = time.time()
-            if i + 1 < len(loader):  # mid-epoch; the epoch's last step is handled below
-                stop = _stop_requested(accelerator, checkpointer, step)
-                if checkpointer is not None and (stop or checkpointer.due(step)):
-                    values = _host_losses(accelerator, losses, step)
-                    checkpointer.save({"epoch": epoch, "batch": i + 1, "step": step, "epoch_losses": values,
-                                       "tokens": tokens, "samples": samples, "history": history})
-                if stop:
-                    raise Interrupted(STOP.requested, step, checkpointer and checkpointer.last)
+        if not accelerator.sync_gradients:  # within an accumulation: no optimizer step yet
+            continue
+        state.step += 1
+        state.history["lr_curve"].append([state.step, *lrs])
+        clock.tick()
+        if state.step == 1:
+            synchronize()
+            state.history["first_step_at"] = time.time()
+        if state.batch < len(parts.loader):  # mid-epoch; the epoch's last step is handled below
+            _checkpoint_if_due(accelerator, checkpointer, state)
     if profiler is not None:
-        _write_profile(profiler, profile_to)
-    history["epochs"].append(_epoch_figures(accelerator, epoch, step, losses, clock, tokens, samples, history))
-    bar.set_postfix(loss=f"{history['epochs'][-1]['loss']:.4f}")
+        _write_profile(profiler, settings.profile_to)
+    state.history["epochs"].append(_epoch_figures(accelerator, state, clock))
+    bar.set_postfix(loss=f"{state.history['epochs'][-1]['loss']:.4f}")
     if on_epoch is not None:
-        on_epoch(history)
-    stop = _stop_requested(accelerator, checkpointer, step, epoch_end=True)
-    if checkpointer is not None and (stop or checkpointer.due(step, epoch + 1)):
-        checkpointer.save({"epoch": epoch + 1, "batch": 0, "step": step, "epoch_losses": [], "tokens": 0, "samples": 0,
-                           "history": history})
+        on_epoch(state.history)
+    state.next_epoch()
+    _checkpoint_if_due(accelerator, checkpointer, state, epoch_end=True)
+
+
+def _step(accelerator, parts: Parts, settings: LoopSettings, batch: dict, step: int) -> torch.Tensor:
+    """Forward and backward on ``batch``; at the end of an accumulation also clipping, the optimizer step
+    (AdaLoRA's rank re-allocation after optimizer step ``step``) and the scheduler step. The loss, on the device."""
+    model = parts.model
+    with accelerator.accumulate(model):
+        loss = training_loss(model, batch, settings.task)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and settings.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+        parts.optimizer.step()
+        if settings.adalora and accelerator.sync_gradients:
+            accelerator.unwrap_model(model).base_model.update_and_allocate(step)
+        parts.scheduler.step()
+        parts.optimizer.zero_grad()
+    return loss.detach()
+
+
+def _checkpoint_if_due(accelerator, checkpointer, state: TrainState, epoch_end: bool = False) -> None:
+    """A checkpoint of ``state`` where one is due, or a stop signal asks for one; then Interrupted on a stop signal."""
+    stop = _stop_requested(accelerator, checkpointer, state.step, epoch_end)
+    if checkpointer is not None and (stop or checkpointer.due(state.step, state.epoch if epoch_end else None)):
+        losses = _host_losses(accelerator, state.epoch_losses, state.step) if state.epoch_losses else []
+        checkpointer.save(state.to_json(losses))
     if stop:
-        raise Interrupted(STOP.requested, step, checkpointer and checkpointer.last)
-    return step
+        raise Interrupted(STOP.requested, state.step, checkpointer and checkpointer.last)
 
 
 def _stop_requested(accelerator, checkpointer, step: int, epoch_end: bool = False) -> bool:
@@ -229,7 +296,7 @@ def _global_losses(accelerator, losses) -> list[float]:
     return values.cpu().tolist()
 
 
-def _profiler(steps: int):
+def _profiler():
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -239,6 +306,7 @@ def _profiler(steps: int):
 
 
 def _write_profile(profiler, path) -> None:
+    """Stops ``profiler`` and writes its table to ``path`` (None: nowhere)."""
     synchronize()
     profiler.__exit__(None, None, None)
     table = profiler.key_averages()
@@ -249,11 +317,14 @@ def _write_profile(profiler, path) -> None:
         Path(path).write_text(text)
 
 
-def _epoch_figures(accelerator, epoch, step, losses, clock, tokens, samples, history) -> dict:
-    values = _global_losses(accelerator, losses)  # one host sync per epoch
+def _epoch_figures(accelerator, state: TrainState, clock: StepClock) -> dict:
+    """The finished epoch's figures (loss, steps, speed); its per-step losses and step times go to the history.
+    Diverged if a step's loss is NaN/inf."""
+    values = _global_losses(accelerator, state.epoch_losses)  # one host sync per epoch
     accum = max(1, accelerator.gradient_accumulation_steps)
     per_step = [sum(values[i:i + accum]) / len(values[i:i + accum]) for i in range(0, len(values), accum)]
-    first_step = step - len(per_step)
+    first_step = state.step - len(per_step)
+    history = state.history
     history["loss_curve"].extend([first_step + i + 1, round(v, 6)] for i, v in enumerate(per_step))
     bad = next((i for i, v in enumerate(per_step) if not math.isfinite(v)), None)
     if bad is not None:
@@ -261,11 +332,12 @@ def _epoch_figures(accelerator, epoch, step, losses, clock, tokens, samples, his
     durations = clock.durations()
     history["step_s"].extend(durations)
     seconds = sum(durations)
-    totals = accelerator.reduce(torch.tensor([tokens, samples], device=accelerator.device), reduction="sum").tolist()
-    return {"epoch": epoch, "loss": round(sum(values) / len(values), 6), "steps": len(per_step), "wall_s": round(seconds, 3),
-            "s_per_step": round(statistics.median(durations), 5) if durations else None,
-            "samples_per_s": round(totals[1] / seconds, 2) if seconds else None,
-            "tokens_per_s": round(totals[0] / seconds, 1) if seconds else None}
+    counts = torch.tensor([state.tokens, state.samples], device=accelerator.device)
+    tokens, samples = accelerator.reduce(counts, reduction="sum").tolist()
+    return {"epoch": state.epoch, "loss": round(sum(values) / len(values), 6), "steps": len(per_step),
+            "wall_s": round(seconds, 3), "s_per_step": round(statistics.median(durations), 5) if durations else None,
+            "samples_per_s": round(samples / seconds, 2) if seconds else None,
+            "tokens_per_s": round(tokens / seconds, 1) if seconds else None}
 
 
 @torch.no_grad()

@@ -140,9 +140,7 @@ def export(run_dir: Path, out: Path, merge: bool = False) -> str:
             kind = "merged"
         else:
             if base_id is None:  # random weights: the base travels with the adapter
-                base_cfg = cfg.copy()
-                base_cfg.peft = {}
-                base = modeling.build_model(base_cfg, len(names), total_steps=1)
+                base = modeling.run_base_model(cfg, tok.pad_token_id)
                 base.config.id2label, base.config.label2id = id2label, label2id
                 base.save_pretrained(tmp / BASE_FOLDER, safe_serialization=True)
             model.peft_config["default"].base_model_name_or_path = base_id or BASE_FOLDER

@@ -1,6 +1,7 @@
 """Tokenizer, base model (pretrained or random weights) and the PEFT wrapper, from the config.
 
-Under ZeRO-3 with ``zero.zero3_init`` the Accelerator must exist before :func:`build_model`:
+Under ZeRO-3 with ``zero.zero3_init`` the Accelerator must exist before :func:`build_model`
+(and random weights must be made before it, :func:`base_weights`):
 transformers then builds the model inside ``deepspeed.zero.Init``, so each parameter is
 partitioned as it is created and the whole model never sits on one device.
 """
@@ -49,28 +50,39 @@ def load_tokenizer(m: DictConfig):
     return _TOKENIZERS[key]
 
 
-def build_model(cfg: DictConfig, num_labels: int, total_steps: int):
-    """Base model with the PEFT adapter applied (or all weights trainable for peft=none)."""
-    m = cfg.model
-    set_seed(cfg.seed)  # classification heads and random-weight models start the same for a seed
+def base_weights(m: DictConfig, seed: int, num_labels: int, cache_dir: str | Path) -> str | Path | None:
+    """Where the base model's weights come from: ``model.pretrained``, else the folder of its random
+    weights for ``seed`` (:func:`random_weights`, made once), else None (``model.materialize=false``:
+    built from ``model.config`` in :func:`build_model`, inside ``zero.Init`` under ZeRO-3). Resolve it
+    before a ZeRO-3 Accelerator exists (RuntimeError otherwise, when random weights are still to be made)."""
+    if m.pretrained:
+        return m.pretrained
+    return random_weights(m, seed, num_labels, cache_dir) if m.get("materialize", True) else None
+
+
+def build_model(m: DictConfig, num_labels: int, weights: str | Path | None, *, seed: int, pad_token_id: int,
+                peft=None, gradient_checkpointing: bool = False):
+    """The base model from ``weights`` (:func:`base_weights`), with the adapter of ``peft`` (a PEFT config,
+    :func:`peft_config`; None: no adapter, every weight trainable). ``num_labels`` sizes a classifier's head
+    (seq_cls); ``seed`` draws the head and a config-built model; ``pad_token_id`` is the tokenizer's.
+    Raises ConfigError (one line, naming ``model.pretrained``) when the weights cannot be loaded."""
+    set_seed(seed)  # classification heads and random-weight models start the same for a seed
     auto = AUTO_CLASSES[m.task]
     extra = {"num_labels": num_labels} if m.task == "seq_cls" else {}
-    source = m.pretrained or (random_weights(cfg, num_labels) if m.get("materialize", True) else None)
-    if source:
+    if weights:
         if m.trust_remote_code:
-            log.warning("model.trust_remote_code=true: running the model code of %s", source)
+            log.warning("model.trust_remote_code=true: running the model code of %s", weights)
         with _one_line(m):
-            model = auto.from_pretrained(source, trust_remote_code=m.trust_remote_code, use_safetensors=True, **extra)
+            model = auto.from_pretrained(weights, trust_remote_code=m.trust_remote_code, use_safetensors=True, **extra)
     else:  # straight from the config: under zero.Init the init differs from a plain one, so reloads can't rebuild it
         model = auto.from_config(instantiate(m.config, **extra))
-    tok = load_tokenizer(m)
     if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
+        model.config.pad_token_id = pad_token_id
     if wants_mean_pooling(m):
         use_mean_pooling(model)
-    if cfg.train.get("gradient_checkpointing"):  # non-reentrant: works with frozen inputs and ZeRO-3's hooks
+    if gradient_checkpointing:  # non-reentrant: works with frozen inputs and ZeRO-3's hooks
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return apply_peft(model, cfg, total_steps)
+    return apply_peft(model, peft)
 
 
 class MeanPooler(torch.nn.Module):
@@ -119,22 +131,22 @@ def use_mean_pooling(model) -> None:
     encoder.register_forward_pre_hook(keep_mask, with_kwargs=True)
 
 
-def random_weights(cfg: DictConfig, num_labels: int) -> Path:
-    """A folder with the model's random weights for this seed, made once and cached.
+def random_weights(m: DictConfig, seed: int, num_labels: int, cache_dir: str | Path) -> Path:
+    """A folder under ``cache_dir`` (``paths.cache_dir``) with the model's random weights for this seed,
+    made once and cached.
 
     Building random weights inside ``zero.Init`` draws them differently from a plain build, so a
     ZeRO-3 run could not be reloaded onto the same base. Materializing them on the CPU first and
     loading them like a pretrained model makes the base identical in every setting and reload.
     """
-    m = cfg.model
-    key = hashlib.sha1(f"{OmegaConf.to_yaml(m.config)}|{cfg.seed}|{num_labels}|{m.task}".encode()).hexdigest()[:12]
-    folder = Path(cfg.paths.cache_dir).expanduser() / "random_weights" / f"{m.name}-{key}"
+    key = hashlib.sha1(f"{OmegaConf.to_yaml(m.config)}|{seed}|{num_labels}|{m.task}".encode()).hexdigest()[:12]
+    folder = Path(cache_dir).expanduser() / "random_weights" / f"{m.name}-{key}"
     if not (folder / "config.json").is_file():
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         if is_deepspeed_zero3_enabled():
             raise RuntimeError("random weights must be materialized before the ZeRO-3 Accelerator exists (zero.Init would partition them)")
-        set_seed(cfg.seed)
+        set_seed(seed)
         extra = {"num_labels": num_labels} if m.task == "seq_cls" else {}
         model = AUTO_CLASSES[m.task].from_config(instantiate(m.config, **extra))
         tmp = Path(tempfile.mkdtemp(dir=folder.parent.mkdir(parents=True, exist_ok=True) or folder.parent))
@@ -146,19 +158,20 @@ def random_weights(cfg: DictConfig, num_labels: int) -> Path:
     return folder
 
 
-def set_zero3_leaves(model, cfg: DictConfig) -> list[str]:
-    """Under ZeRO-3 with ``zero.leaf_layers``, fetch each transformer layer's parameters in one go.
+def set_zero3_leaves(model, m: DictConfig, z: DictConfig) -> list[str]:
+    """Under ZeRO-3 (``z``: the run's ``zero``) with ``zero.leaf_layers``, fetch each transformer layer's
+    parameters in one go; returns the leaf classes' names (empty: nothing changed).
 
     ZeRO-3 otherwise gathers and releases every submodule's parameters through its own hooks
     (hundreds per step for bart-large, each a small copy plus Python overhead); marking the layer
-    classes named in ``model.layer_classes`` as leaves makes it one gather per layer.
+    classes named in ``model.layer_classes`` (``m``) as leaves makes it one gather per layer.
     """
-    names = set(cfg.model.get("layer_classes") or [])
-    if cfg.zero.stage != 3 or not cfg.zero.get("leaf_layers") or not names:
+    names = set(m.get("layer_classes") or [])
+    if z.stage != 3 or not z.get("leaf_layers") or not names:
         return []
     from deepspeed.utils import set_z3_leaf_modules
 
-    classes = list({type(m) for m in model.modules() if type(m).__name__ in names})
+    classes = list({type(module) for module in model.modules() if type(module).__name__ in names})
     set_z3_leaf_modules(model, classes)
     # A leaf's backward hook fires through its inputs' gradients; with frozen embeddings the first
     # layer's input needs none, and its parameters would never be fetched for backward.
@@ -166,55 +179,55 @@ def set_zero3_leaves(model, cfg: DictConfig) -> list[str]:
     return sorted(c.__name__ for c in classes)
 
 
-def peft_config(cfg: DictConfig, total_steps: int):
-    """The PEFT config instantiated from ``cfg.peft`` (``_target_``), or None for full fine-tuning."""
-    method = peft_method(cfg)
+def peft_config(peft: DictConfig, method: str, task: str, total_steps: int):
+    """The PEFT config instantiated from ``peft`` (the run's ``peft``, through its ``_target_``) for a
+    ``task`` model, or None for ``method`` none (``config.peft_method``: full fine-tuning). AdaLoRA gets
+    its schedule from ``total_steps``, the run's optimizer steps."""
     if method == "none":
         return None
-    extra = {"task_type": PEFT_TASK_TYPES[cfg.model.task]}
+    extra = {"task_type": PEFT_TASK_TYPES[task]}
     if method == "adalora":
         extra["total_step"] = total_steps
-        extra["tinit"], extra["tfinal"] = adalora_schedule(cfg, total_steps)
-    return instantiate(cfg.peft, _convert_="all", **extra)
+        extra["tinit"], extra["tfinal"] = adalora_schedule(peft, total_steps)
+    return instantiate(peft, _convert_="all", **extra)
 
 
-def apply_peft(model, cfg: DictConfig, total_steps: int):
+def apply_peft(model, config):
+    """``model`` wrapped by PEFT with the adapter of ``config`` (:func:`peft_config`); None: ``model`` itself."""
     from peft import get_peft_model
 
-    config = peft_config(cfg, total_steps)
     return model if config is None else get_peft_model(model, config)
 
 
-def optimizer_steps(n_rows: int, cfg: DictConfig, num_processes: int) -> int:
-    """Optimizer steps of the whole run as one process sees them (checked against AdaLoRA's schedule)."""
-    batches = math.ceil(math.ceil(n_rows / cfg.train.batch_size) / num_processes)
-    total = math.ceil(batches / cfg.train.grad_accum) * cfg.train.epochs
-    check_adalora_schedule(cfg, total, f"{n_rows} training rows, train.batch_size={cfg.train.batch_size}, "
-                                       f"train.grad_accum={cfg.train.grad_accum}, {num_processes} process(es)")
-    return total
+def optimizer_steps(n_rows: int, train: DictConfig, num_processes: int) -> int:
+    """Optimizer steps of the whole run as one process sees them, for ``n_rows`` training rows split over
+    ``num_processes`` in batches of ``train.batch_size``, ``train.grad_accum`` batches a step, ``train.epochs``."""
+    batches = math.ceil(math.ceil(n_rows / train.batch_size) / num_processes)
+    return math.ceil(batches / train.grad_accum) * train.epochs
 
 
-def adalora_schedule(cfg: DictConfig, total_steps: int) -> tuple[int, int]:
+def adalora_schedule(peft: DictConfig, total_steps: int) -> tuple[int, int]:
     """(tinit, tfinal) as AdaLoRA gets them: the configured ones, or 10% and 20% of the run's steps."""
-    p = cfg.peft
-    return (p.tinit if p.tinit is not None else int(0.1 * total_steps),
-            p.tfinal if p.tfinal is not None else int(0.2 * total_steps))
+    return (peft.tinit if peft.tinit is not None else int(0.1 * total_steps),
+            peft.tfinal if peft.tfinal is not None else int(0.2 * total_steps))
 
 
-def check_adalora_schedule(cfg: DictConfig, total_steps: int, how: str = "") -> None:
-    """AdaLoRA re-allocates ranks between step ``tinit`` and ``total_step - tfinal``: PEFT refuses a
-    schedule that leaves no step for it, but only once the model is built, naming its own ``total_step``.
-    Checked here, when the training rows are counted and before any model loads, in the run's keys."""
-    if peft_method(cfg) != "adalora":
-        return
-    tinit, tfinal = adalora_schedule(cfg, total_steps)
+def check_adalora_schedule(peft: DictConfig, train: DictConfig, n_rows: int, num_processes: int) -> None:
+    """AdaLoRA (``peft``, the run's ``peft=adalora``) re-allocates ranks between step ``tinit`` and
+    ``total_step - tfinal``: PEFT refuses a schedule that leaves no step for it, but only once the model is
+    built, naming its own ``total_step``. Checked here, when the training rows are counted and before any
+    model loads, in the run's keys: ConfigError naming peft.tinit and peft.tfinal otherwise."""
+    total_steps = optimizer_steps(n_rows, train, num_processes)
+    tinit, tfinal = adalora_schedule(peft, total_steps)
     if tinit + tfinal < total_steps:
         return
-    per_epoch = total_steps // cfg.train.epochs
-    given = lambda key, value: f"peft.{key}={value}" if cfg.peft[key] is not None else f"peft.{key}=null ({value})"  # noqa: E731
+    how = (f"{n_rows} training rows, train.batch_size={train.batch_size}, train.grad_accum={train.grad_accum}, "
+           f"{num_processes} process(es)")
+    per_epoch = total_steps // train.epochs
+    given = lambda key, value: f"peft.{key}={value}" if peft[key] is not None else f"peft.{key}=null ({value})"  # noqa: E731
     raise ConfigError(f"{given('tinit', tinit)} + {given('tfinal', tfinal)} = {tinit + tfinal} leave AdaLoRA no steps to "
-                      f"re-allocate ranks in: the run has {total_steps} optimizer steps (train.epochs={cfg.train.epochs} x "
-                      f"{per_epoch} per epoch{f': {how}' if how else ''}); make peft.tinit + peft.tfinal < {total_steps}, "
+                      f"re-allocate ranks in: the run has {total_steps} optimizer steps (train.epochs={train.epochs} x "
+                      f"{per_epoch} per epoch: {how}); make peft.tinit + peft.tfinal < {total_steps}, "
                       "or raise train.epochs")
 
 
@@ -253,15 +266,19 @@ def load_trained(run_dir: str | Path, device: str = "cpu"):
 
     run_dir = Path(run_dir)
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    num_labels = len(cfg.dataset.labels)
+    tok = load_tokenizer(cfg.model)
     if peft_method(cfg) == "none":
         model = AUTO_CLASSES[cfg.model.task].from_pretrained(run_dir / "model", use_safetensors=True)
     else:
-        base_cfg = cfg.copy()
-        base_cfg.peft = {}
-        base = build_model(base_cfg, num_labels, total_steps=1)
-        model = PeftModel.from_pretrained(base, run_dir / "adapter")
-    return model.to(device).eval(), load_tokenizer(cfg.model), cfg
+        model = PeftModel.from_pretrained(run_base_model(cfg, tok.pad_token_id), run_dir / "adapter")
+    return model.to(device).eval(), tok, cfg
+
+
+def run_base_model(cfg: DictConfig, pad_token_id: int):
+    """The base model, without adapter, of a run whose saved config.yaml is ``cfg`` (for reloading a run)."""
+    num_labels = len(cfg.dataset.labels)
+    weights = base_weights(cfg.model, cfg.seed, num_labels, cfg.paths.cache_dir)
+    return build_model(cfg.model, num_labels, weights, seed=cfg.seed, pad_token_id=pad_token_id)
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
