@@ -88,20 +88,20 @@ def test_every_launcher_preset_composes(tmp_path, launcher):
 @pytest.mark.parametrize("peft", [p for p in GROUPS["peft"] if p != "none"])
 def test_peft_config_instantiates_for_every_model(tmp_path, model, peft):
     cfg = make_cfg(tmp_path, f"model={model}", f"peft={peft}")
-    config = modeling.peft_config(cfg, total_steps=100)
+    config = modeling.peft_config(cfg.peft, peft_method(cfg), cfg.model.task, total_steps=100)
     assert config.task_type == PEFT_TASK_TYPES[cfg.model.task]
     assert peft_method(cfg) == peft
 
 
 def test_command_line_reaches_the_peft_config(tmp_path):
     cfg = make_cfg(tmp_path, "peft.r=16", "peft.lora_alpha=64")
-    config = modeling.peft_config(cfg, total_steps=10)
+    config = modeling.peft_config(cfg.peft, peft_method(cfg), cfg.model.task, total_steps=10)
     assert (config.r, config.lora_alpha, config.target_modules) == (16, 64, {"query", "value"})
 
 
 def test_train_settings_are_stated_once_and_reach_deepspeed(tmp_path):
     cfg = make_cfg(tmp_path, "zero=stage3_cpu", "train.batch_size=4", "train.grad_accum=2", "train.max_grad_norm=0.5")
-    ds = deepspeed_config(cfg)
+    ds = deepspeed_config(cfg.zero, cfg.train)
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 0.5
@@ -109,13 +109,14 @@ def test_train_settings_are_stated_once_and_reach_deepspeed(tmp_path):
     assert zero["stage"] == 3
     assert zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
-    assert deepspeed_config(make_cfg(tmp_path, "zero=none")) is None
-    assert "offload_optimizer" not in deepspeed_config(make_cfg(tmp_path, "zero=stage2"))["zero_optimization"]
+    none, stage2 = make_cfg(tmp_path, "zero=none"), make_cfg(tmp_path, "zero=stage2")
+    assert deepspeed_config(none.zero, none.train) is None
+    assert "offload_optimizer" not in deepspeed_config(stage2.zero, stage2.train)["zero_optimization"]
 
 
 def test_nvme_path_reaches_deepspeed(tmp_path):
     cfg = make_cfg(tmp_path, "zero=stage3_nvme", f"zero.offload_param_nvme_path={tmp_path}")
-    zero = deepspeed_config(cfg)["zero_optimization"]
+    zero = deepspeed_config(cfg.zero, cfg.train)["zero_optimization"]
     assert zero["offload_param"] == {"device": "nvme", "nvme_path": str(tmp_path)}
     assert zero["offload_optimizer"]["nvme_path"] == str(tmp_path)
 
