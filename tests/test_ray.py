@@ -111,6 +111,74 @@ def test_joining_a_cluster_keeps_its_settings(monkeypatch):
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ and "RAY_AUTH_MODE" not in os.environ
 
 
+# ----------------------------------------------------------------------------- one worker, several jobs
+
+
+@pytest.mark.parametrize(("job_gpus", "instance_gpus", "safe"), [
+    (0, None, True), (0, 4, True),              # CPU jobs: no GPU to keep
+    (0.25, 1, True), (1, 1, True),              # one GPU: every job gets it
+    (2, 2, True),                               # two-GPU jobs on two GPUs: always both
+    (0.25, 2, False), (1, 2, False), (2, 4, False),  # a choice of GPUs: a reused worker could hold the wrong one
+    (0.25, None, False), (1, None, False),      # a cluster: its nodes' GPUs are not known here
+])
+def test_workers_are_reused_only_where_no_job_can_be_given_other_gpus(job_gpus, instance_gpus, safe):
+    from peftlab.sweep import worker_reuse_safe
+
+    assert worker_reuse_safe(job_gpus, instance_gpus) is safe
+
+
+@needs_ray
+@pytest.mark.parametrize(("overrides", "max_calls"), [
+    (["hydra.launcher.ray.init.num_gpus=0"], 0),                                                  # CPU jobs
+    (["hydra.launcher.ray.init.num_gpus=1", "hydra.launcher.ray.remote.num_gpus=0.25"], 0),        # four a GPU, one GPU
+    (["hydra.launcher.ray.init.num_gpus=2", "hydra.launcher.ray.remote.num_gpus=0.25"], 1),        # two GPUs to choose from
+    (["hydra.launcher.ray.init.num_gpus=2", "launcher.num_processes=2"], 0),                      # each job takes both
+    (["hydra.launcher.ray.init.num_gpus=2", "hydra.launcher.ray.remote.max_calls=1"], 1),          # asked for
+])
+def test_the_preset_reuses_workers_where_safe(monkeypatch, overrides, max_calls):
+    """max_calls: null in conf/hydra/launcher/ray.yaml, as RaySweep resolves it before the launcher starts."""
+    from hydra import compose, initialize_config_dir
+
+    from peftlab.sweep import RaySweep
+
+    for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_DEDUP_LOGS"):
+        monkeypatch.delenv(key, raising=False)  # prepare_local_ray sets them in this process
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=ray", *overrides], return_hydra_config=True)
+    RaySweep().on_multirun_start(cfg)
+    assert cfg.hydra.launcher.ray.remote.max_calls == max_calls
+
+
+@needs_ray
+def test_a_reused_worker_on_a_choice_of_gpus_is_refused_in_one_line(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_py("-m", "hydra/launcher=ray", "hydra.launcher.ray.init.num_gpus=2", "hydra.launcher.ray.remote.num_gpus=0.5",
+                    "hydra.launcher.ray.remote.max_calls=0", "model=tiny_bert", "peft.r=4,8", f"hydra.sweep.dir={sweep}",
+                    timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == (
+        "error: hydra.launcher.ray.remote.max_calls=0 lets a Ray worker run several jobs, but jobs of num_gpus=0.5 on this "
+        "Ray instance's 2 GPUs can be given other GPUs than the ones a reused worker keeps: use max_calls=1, or null "
+        "(peftlab reuses workers where it is safe)")
+    assert not sweep.exists()
+
+
+def test_a_worker_holding_other_gpus_refuses_the_job(monkeypatch):
+    """The guard in the Ray worker, where the preset's choice was overridden on a cluster: the job never starts on
+    the GPU that the worker's first job initialised CUDA on when Ray assigned it another."""
+    from peftlab import sweep
+
+    monkeypatch.setattr(sweep, "_worker_gpus", None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    sweep.check_worker_gpus()  # no job initialised CUDA in this worker yet
+    monkeypatch.setattr(sweep, "_worker_gpus", "1")
+    sweep.check_worker_gpus()  # the same GPU again
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(RuntimeError, match=r"earlier job on GPU\(s\) '1' .* assigned this job GPU\(s\) '0': set "
+                                           r"hydra\.launcher\.ray\.remote\.max_calls=1"):
+        sweep.check_worker_gpus()
+
+
 # ----------------------------------------------------------------------------- real Ray
 
 

@@ -201,15 +201,52 @@ def running_jobs(sweep_dir: Path, since: float) -> int:
     return count
 
 
+def worker_reuse_safe(job_gpus: float, instance_gpus: int | None) -> bool:
+    """Whether one Ray worker process may run several GPU jobs one after the other (``max_calls=0``).
+
+    A job initialises CUDA in its worker on the GPUs that Ray's ``CUDA_VISIBLE_DEVICES`` names for it,
+    and the process keeps them: Ray sets another ``CUDA_VISIBLE_DEVICES`` for a worker's next task, but
+    a CUDA context already made does not follow, so that job would run on the first job's GPU. Safe when
+    only one set of GPUs can be assigned: jobs without GPUs, or a Ray instance of this machine whose
+    ``instance_gpus`` a job's ``job_gpus`` (a fraction, or whole GPUs) leave no choice among (one GPU;
+    or jobs that take all of them). ``instance_gpus`` None (a cluster: GPUs per node unknown): not safe."""
+    if not job_gpus:
+        return True
+    return instance_gpus is not None and instance_gpus <= math.ceil(job_gpus)
+
+
+_worker_gpus: str | None = None  # CUDA_VISIBLE_DEVICES of the job that initialised CUDA in this Ray worker
+
+
+def check_worker_gpus() -> None:
+    """In a Ray worker, before a job: RuntimeError when this process initialised CUDA for an earlier job
+    on other GPUs than Ray assigned this one (see :func:`worker_reuse_safe`), so it never runs there."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if _worker_gpus is not None and visible != _worker_gpus:
+        raise RuntimeError(f"this Ray worker ran an earlier job on GPU(s) {_worker_gpus!r} and keeps them, but Ray assigned "
+                           f"this job GPU(s) {visible!r}: set hydra.launcher.ray.remote.max_calls=1 (a fresh worker per job)")
+
+
+def note_worker_gpus() -> None:
+    """After a job in a Ray worker: the GPUs CUDA was initialised on, once it is."""
+    global _worker_gpus
+    torch = sys.modules.get("torch")
+    if _worker_gpus is None and torch is not None and torch.cuda.is_initialized():
+        _worker_gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
 class RaySweep(Callback):
     """Hydra callback of the Ray launcher presets (conf/hydra/launcher/ray*.yaml, hydra-ray-launcher).
 
     In the launching process, before the launcher exists: without the ``ray`` extra, one line and exit 2;
     a local Ray instance is made loopback-only with token authentication (:func:`prepare_local_ray`);
     ``num_gpus: null`` becomes ``launcher.num_processes`` GPUs a job where this machine has GPUs, else 0;
-    Ray's log deduplication is turned off (it would fold the ``job i/n`` lines of different jobs into one).
+    ``max_calls: null`` becomes 0 (a worker runs job after job, keeping imports and the caches of data,
+    tokenizer and base weights) where :func:`worker_reuse_safe`, else 1 (a fresh worker per job), and
+    another value where it is not safe is refused in one line; Ray's log deduplication is turned off (it would fold the ``job i/n`` lines of different jobs into one).
     In each job's Ray worker (this object travels with the job): the sweep's job count for ``job i/n``,
-    and a ``job i/n <status>`` line as the job ends, with the number of jobs still running.
+    and a ``job i/n <status>`` line as the job ends, with the number of jobs still running; a job Ray gave
+    other GPUs than the ones its reused worker holds is refused (:func:`check_worker_gpus`).
     At the end the sweep's own Ray instance is shut down (and by Ray's atexit hook on Ctrl-C or an error).
     """
 
@@ -223,21 +260,33 @@ class RaySweep(Callback):
         launcher = config.hydra.launcher
         prepare_local_ray(launcher)
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        if launcher.ray.remote.get("num_gpus", 0) is None:
-            from omegaconf import open_dict, read_write
+        from omegaconf import open_dict, read_write
 
-            gpus = launcher.ray.init.get("num_gpus")
-            gpus = local_gpus() if gpus is None else gpus
-            with read_write(launcher), open_dict(launcher):
-                launcher.ray.remote.num_gpus = config.launcher.num_processes if gpus else 0
+        remote, local = launcher.ray.remote, launcher.ray.init.get("address") in (None, "local")
+        gpus = launcher.ray.init.get("num_gpus")
+        gpus = local_gpus() if gpus is None else gpus  # this machine's, for this sweep's own instance
+        with read_write(launcher), open_dict(launcher):
+            if remote.get("num_gpus", 0) is None:
+                remote.num_gpus = config.launcher.num_processes if gpus else 0
+            safe = worker_reuse_safe(remote.get("num_gpus") or 0, gpus if local else None)
+            if remote.get("max_calls") is None:
+                remote.max_calls = 0 if safe else 1
+            elif remote.max_calls != 1 and not safe:
+                where = f"this Ray instance's {gpus} GPUs" if local else "a cluster's nodes (GPUs per node unknown here)"
+                print(f"error: hydra.launcher.ray.remote.max_calls={remote.max_calls} lets a Ray worker run several jobs, "
+                      f"but jobs of num_gpus={remote.num_gpus} on {where} can be given other GPUs than the ones a reused "
+                      "worker keeps: use max_calls=1, or null (peftlab reuses workers where it is safe)", file=sys.stderr)
+                sys.exit(2)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        check_worker_gpus()
         if getattr(self, "total", None):
             os.environ[TOTAL_ENV] = str(self.total)  # a worker on another machine has not inherited it
 
     def on_job_end(self, config: DictConfig, job_return=None, **kwargs) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        note_worker_gpus()
         hydra = HydraConfig.get()
         job_dir = Path(hydra.runtime.output_dir)
         status = (read_json(job_dir / "metrics.json") or {}).get("status", "no record")
