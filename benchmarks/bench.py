@@ -384,7 +384,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--sweep", action="store_true", help="run one sweep under several launchers instead of the guide's comparison")
     s.add_argument("--sweep-overrides", help=f"the sweep's Hydra overrides, one string (default on GPUs: {SWEEP_GPU!r}; "
                                              f"on the CPU: {SWEEP_CPU!r}); {' '.join(SWEEP_BASE)} beneath them")
-    s.add_argument("--rows", help="comma list of kind[:GPUs], kinds " + ", ".join(ROW_KINDS) + " (default: basic:1,packed:1,"
+    s.add_argument("--rows", help="comma list of kind[:GPUs][@share of a GPU a job], kinds " + ", ".join(ROW_KINDS) + " (default: basic:1,packed:1,"
                                   "packed:2,pairs:2 with 2+ GPUs, basic:1,packed:1 with one, basic,packed on the CPU)")
     s.add_argument("--gpu-fraction", type=float, default=0.1,
                    help="packed/fresh rows: hydra.launcher.ray.remote.num_gpus, a job's share of a GPU (default: %(default)s)")
@@ -460,16 +460,23 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def sweep_rows(spec: str, gpus: list[str]) -> list[tuple[str, str, int]]:
-    """``kind[:gpus],...`` -> [(row name, kind, GPUs)]; SystemExit naming the bad entry. On a machine without
-    GPUs every row runs on the CPU (0 GPUs)."""
+def sweep_rows(spec: str, gpus: list[str]) -> list[tuple[str, str, int, float | None]]:
+    """``kind[:gpus][@fraction],...`` -> [(row name, kind, GPUs, a job's share of a GPU or None for
+    --gpu-fraction)]; SystemExit naming the bad entry. On a machine without GPUs every row runs on the CPU."""
     rows = []
     for item in (x.strip() for x in spec.split(",") if x.strip()):
-        kind, _, count = item.partition(":")
+        head, _, share = item.partition("@")
+        kind, _, count = head.partition(":")
         if kind not in ROW_KINDS:
             raise SystemExit(f"error: --rows {item}: unknown kind {kind!r}; known: {', '.join(ROW_KINDS)}")
         if count and not count.isdigit():
             raise SystemExit(f"error: --rows {item}: the GPU count after ':' must be a whole number")
+        try:
+            fraction = float(share) if share else None
+        except ValueError:
+            fraction = -1.0
+        if share and (kind not in ("packed", "fresh") or not 0 < fraction <= 1):
+            raise SystemExit(f"error: --rows {item}: '@' takes a job's share of a GPU (0 < share <= 1), packed and fresh rows only")
         k = (int(count) if count else (2 if kind == "pairs" else 1)) if gpus else 0
         if k > len(gpus):
             raise SystemExit(f"error: --rows {item} needs {k} GPUs, {len(gpus)} visible (CUDA_VISIBLE_DEVICES)")
@@ -477,14 +484,14 @@ def sweep_rows(spec: str, gpus: list[str]) -> list[tuple[str, str, int]]:
             raise SystemExit(f"error: --rows {item}: two-process jobs need 2 GPUs (pairs:2)")
         if gpus and k < 1:
             raise SystemExit(f"error: --rows {item}: a row on this GPU machine needs at least 1 GPU")
-        name = f"{kind}_{k}gpu" if k else f"{kind}_cpu"
+        name = (f"{kind}_{k}gpu" if k else f"{kind}_cpu") + (f"@{share}" if share else "")
         if any(r[0] == name for r in rows):
             raise SystemExit(f"error: --rows names {name} twice")
-        rows.append((name, kind, k))
+        rows.append((name, kind, k, fraction))
     return rows
 
 
-def sweep_overrides(kind: str, gpus: int, args: argparse.Namespace, sweep_dir: Path) -> list[str]:
+def sweep_overrides(kind: str, gpus: int, args: argparse.Namespace, sweep_dir: Path, fraction: float | None = None) -> list[str]:
     """The ``run.py`` arguments of one row: the sweep (pairs: its 2 x 2 of two-process jobs), then the launcher's."""
     pairs = [*shlex.split(args.pairs_overrides), "launcher.num_processes=2"] if kind == "pairs" else []
     data = [f"dataset.data_dir={args.data_dir}"] if args.data_dir else []
@@ -493,7 +500,7 @@ def sweep_overrides(kind: str, gpus: int, args: argparse.Namespace, sweep_dir: P
     if kind != "basic":
         launcher.append("hydra/launcher=ray")
         if kind in ("packed", "fresh") and gpus:
-            launcher.append(f"hydra.launcher.ray.remote.num_gpus={args.gpu_fraction}")
+            launcher.append(f"hydra.launcher.ray.remote.num_gpus={fraction or args.gpu_fraction}")
         if args.cpus_per_job is not None:
             launcher.append(f"hydra.launcher.ray.remote.num_cpus={args.cpus_per_job}")
         if kind == "fresh":
@@ -584,10 +591,11 @@ def records_check(jobs: list[dict]) -> tuple[str, bool]:
     return "; ".join([head, *bad]), bool(jobs) and not bad
 
 
-def sweep_row(name: str, kind: str, gpus: int, devices: list[str], args: argparse.Namespace, out: Path) -> dict:
+def sweep_row(name: str, kind: str, gpus: int, devices: list[str], args: argparse.Namespace, out: Path,
+              fraction: float | None = None) -> dict:
     """Run one row's sweep as a subprocess on ``devices`` (CUDA_VISIBLE_DEVICES; none: the CPU); its figures."""
     sweep_dir = out / name
-    cmd = [sys.executable, "run.py", *sweep_overrides(kind, gpus, args, sweep_dir)]
+    cmd = [sys.executable, "run.py", *sweep_overrides(kind, gpus, args, sweep_dir, fraction)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(devices))
     with GpuMemory() as memory:
         rc, wall = launch(cmd, out / f"{name}.log", env, args.timeout)
@@ -683,7 +691,8 @@ def sweep_main(args: argparse.Namespace, out: Path) -> int:
     """The same sweep under each ``--rows`` entry, one after the other, each on the first GPUs it names:
 
     - ``basic:K``  the basic launcher (one process, one job after the other; uses the first of its K GPUs);
-    - ``packed:K`` ``hydra/launcher=ray hydra.launcher.ray.remote.num_gpus=--gpu-fraction`` on K GPUs (CPU:
+    - ``packed:K`` ``hydra/launcher=ray hydra.launcher.ray.remote.num_gpus=--gpu-fraction`` on K GPUs
+      (``packed:K@0.25``: that share instead; CPU:
       ``hydra.launcher.ray.remote.num_cpus=--cpus-per-job``), Ray workers as the preset decides;
     - ``fresh:K``  as packed with ``max_calls=1``: a fresh Ray worker per job (what reusing workers saves);
     - ``pairs:K``  ``launcher.num_processes=2`` jobs (2 GPUs each), the 2 x 2 ``--pairs-overrides`` sweep.
@@ -706,9 +715,9 @@ def sweep_main(args: argparse.Namespace, out: Path) -> int:
     if prepared is not None:
         print(f"[bench] random weights of {model} built and cached in {prepared} s (before any timed sweep)", flush=True)
     rows = []
-    for i, (name, kind, k) in enumerate(rows_spec, 1):
+    for i, (name, kind, k, fraction) in enumerate(rows_spec, 1):
         print(f"[bench {i}/{len(rows_spec)}] {name}: {ROW_KINDS[kind]} ...", flush=True)
-        row = sweep_row(name, kind, k, gpus[:k], args, out)
+        row = sweep_row(name, kind, k, gpus[:k], args, out, fraction)
         print(f"[bench {i}/{len(rows_spec)}] {name}: {row['status']}, {row['wall_s']} s, {row['records']}"
               f"{'  -- ' + str(row.get('error')) if row['status'] != 'finished' else ''}", flush=True)
         rows.append(row)

@@ -114,12 +114,13 @@ def test_bench_runs_on_the_cpu(tmp_path):
 
 
 def test_sweep_rows_name_their_launcher_and_gpus():
-    rows = bench.sweep_rows("basic:1,packed:1,packed:2,fresh,pairs", ["0", "1"])
-    assert rows == [("basic_1gpu", "basic", 1), ("packed_1gpu", "packed", 1), ("packed_2gpu", "packed", 2),
-                    ("fresh_1gpu", "fresh", 1), ("pairs_2gpu", "pairs", 2)]
-    assert bench.sweep_rows("basic,packed:2", []) == [("basic_cpu", "basic", 0), ("packed_cpu", "packed", 0)]  # no GPU: the CPU
+    rows = bench.sweep_rows("basic:1,packed:1,packed:1@0.25,packed:2,fresh,pairs", ["0", "1"])
+    assert rows == [("basic_1gpu", "basic", 1, None), ("packed_1gpu", "packed", 1, None), ("packed_1gpu@0.25", "packed", 1, 0.25),
+                    ("packed_2gpu", "packed", 2, None), ("fresh_1gpu", "fresh", 1, None), ("pairs_2gpu", "pairs", 2, None)]
+    assert bench.sweep_rows("basic,packed:2", []) == [("basic_cpu", "basic", 0, None), ("packed_cpu", "packed", 0, None)]  # the CPU
     for spec, line in (("packed:3", "--rows packed:3 needs 3 GPUs, 2 visible"), ("pairs:1", "two-process jobs need 2 GPUs"),
-                       ("ray:1", "unknown kind 'ray'"), ("basic,basic:1", "names basic_1gpu twice")):
+                       ("ray:1", "unknown kind 'ray'"), ("basic,basic:1", "names basic_1gpu twice"),
+                       ("packed@2", "'@' takes a job's share of a GPU"), ("basic@0.5", "packed and fresh rows only")):
         with pytest.raises(SystemExit, match=line):
             bench.sweep_rows(spec, ["0", "1"])
 
@@ -134,6 +135,7 @@ def test_sweep_rows_run_the_same_sweep_under_each_launcher(tmp_path):
     assert packed[1:6] == basic[1:6] and packed[6:-1] == [
         "hydra/launcher=ray", "hydra.launcher.ray.remote.num_gpus=0.25", "hydra.launcher.ray.init.num_cpus=2"]
     assert "hydra.launcher.ray.remote.max_calls=1" in bench.sweep_overrides("fresh", 1, args, tmp_path / "f")
+    assert "hydra.launcher.ray.remote.num_gpus=0.5" in bench.sweep_overrides("packed", 1, args, tmp_path / "h", 0.5)
     assert "hydra.launcher.ray.remote.num_gpus=0.25" not in bench.sweep_overrides("packed", 0, args, tmp_path / "c")  # CPU
     pairs = bench.sweep_overrides("pairs", 2, args, tmp_path / "2")
     assert {"peft.r=4,8", "peft.lora_alpha=16,32", "launcher.num_processes=2", "hydra/launcher=ray"} <= set(pairs)
