@@ -57,11 +57,15 @@ VARIANTS: dict[str, list[str]] = {
     "stage2": ["zero=stage2"],
     "stage3": ["zero=stage3"],
     "stage3_both": ["zero=stage3", "eval.mode=both"],  # score vs generate on one model and run
-    "stage3_cpu_guide": ["zero=stage3_cpu_guide"],      # the guide's DeepSpeed settings, untuned
+    "stage3_cpu_guide": ["zero=stage3_cpu_guide"],  # the guide's DeepSpeed settings, untuned
     "stage3_cpu": ["zero=stage3_cpu"],
     "stage3_cpu_bf16": ["zero=stage3_cpu", "train.mixed_precision=bf16"],
     # the capacity run (--model bloomz_7b1_arch): bf16, activations recomputed in backward
-    "stage3_cpu_bf16_ckpt": ["zero=stage3_cpu", "train.mixed_precision=bf16", "train.gradient_checkpointing=true"],
+    "stage3_cpu_bf16_ckpt": [
+        "zero=stage3_cpu",
+        "train.mixed_precision=bf16",
+        "train.gradient_checkpointing=true",
+    ],
 }
 # The guide's script under its two accelerate configs: name -> (config file in assets/, TRACKER).
 GUIDE_CONFIGS: dict[str, tuple[str, str]] = {
@@ -69,15 +73,39 @@ GUIDE_CONFIGS: dict[str, tuple[str, str]] = {
     "zero3": ("ds_zero3.yaml", "off"),
 }
 # The guide's hyper-parameters; the model, epochs and variant come on top.
-BASE_OVERRIDES = ["peft=lora", "peft.r=8", "peft.lora_alpha=32", "train.lr=3e-3", "train.batch_size=8", "eval.mode=score"]
+BASE_OVERRIDES = [
+    "peft=lora",
+    "peft.r=8",
+    "peft.lora_alpha=32",
+    "train.lr=3e-3",
+    "train.batch_size=8",
+    "eval.mode=score",
+]
 
-COLUMNS = [("runner", "runner"), ("config", "config"), ("s_per_step", "s/step"), ("tokens_per_s", "tokens/s"),
-           ("gpu_peak_mb", "GPU peak MB"), ("cpu_peak_mb", "CPU peak MB"), ("eval_s_score", "eval s (score)"),
-           ("eval_s_generate", "eval s (generate)"), ("eval_rows", "eval rows"),
-           ("time_to_first_step_s", "time to first step s"), ("ratio_to_guide", "ratio to guide"), ("status", "status")]
-FORMATS = {"s_per_step": "{:.4g}", "tokens_per_s": "{:.0f}", "gpu_peak_mb": "{:.0f}", "cpu_peak_mb": "{:.0f}",
-           "eval_s_score": "{:.2f}", "eval_s_generate": "{:.2f}", "time_to_first_step_s": "{:.1f}",
-           "ratio_to_guide": "{:.2f}"}
+COLUMNS = [
+    ("runner", "runner"),
+    ("config", "config"),
+    ("s_per_step", "s/step"),
+    ("tokens_per_s", "tokens/s"),
+    ("gpu_peak_mb", "GPU peak MB"),
+    ("cpu_peak_mb", "CPU peak MB"),
+    ("eval_s_score", "eval s (score)"),
+    ("eval_s_generate", "eval s (generate)"),
+    ("eval_rows", "eval rows"),
+    ("time_to_first_step_s", "time to first step s"),
+    ("ratio_to_guide", "ratio to guide"),
+    ("status", "status"),
+]
+FORMATS = {
+    "s_per_step": "{:.4g}",
+    "tokens_per_s": "{:.0f}",
+    "gpu_peak_mb": "{:.0f}",
+    "cpu_peak_mb": "{:.0f}",
+    "eval_s_score": "{:.2f}",
+    "eval_s_generate": "{:.2f}",
+    "time_to_first_step_s": "{:.1f}",
+    "ratio_to_guide": "{:.2f}",
+}
 
 
 def cuda_available() -> bool:
@@ -92,7 +120,9 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout: run.py, conf/
 def repo_root() -> Path:
     """The checkout holding run.py and conf/ (this file lives in its benchmarks/)."""
     if not ((ROOT / "run.py").is_file() and (ROOT / "conf").is_dir()):
-        raise SystemExit(f"error: run.py and conf/ not found in {ROOT}: run benchmarks/bench.py from a peftlab checkout")
+        raise SystemExit(
+            f"error: run.py and conf/ not found in {ROOT}: run benchmarks/bench.py from a peftlab checkout"
+        )
     return ROOT
 
 
@@ -123,8 +153,15 @@ def peftlab_overrides(variant: str, args: argparse.Namespace, run_dir: Path) -> 
     extra = [f"dataset.data_dir={args.data_dir}"] if args.data_dir else []
     if args.eval_both and variant == "stage3_cpu":
         extra.append("eval.mode=both")
-    return merge_overrides([f"model={args.model}"], BASE_OVERRIDES, [f"train.epochs={args.epochs}"],
-                           VARIANTS[variant], extra, args.set, [f"hydra.run.dir={run_dir}"])
+    return merge_overrides(
+        [f"model={args.model}"],
+        BASE_OVERRIDES,
+        [f"train.epochs={args.epochs}"],
+        VARIANTS[variant],
+        extra,
+        args.set,
+        [f"hydra.run.dir={run_dir}"],
+    )
 
 
 def launch(cmd: list[str], log_path: Path, env: dict, timeout: float | None) -> tuple[int | None, float]:
@@ -133,8 +170,9 @@ def launch(cmd: list[str], log_path: Path, env: dict, timeout: float | None) -> 
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=repo_root(), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own process group: a timeout ends launcher and workers
+        proc = subprocess.Popen(
+            cmd, cwd=repo_root(), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )  # its own process group: a timeout ends launcher and workers
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -161,12 +199,13 @@ def last_error_line(log_path: Path) -> str | None:
     return lines[-1][:300] if lines else None
 
 
-
 def run_peftlab(variant: str, args: argparse.Namespace, out: Path) -> dict:
     """One peftlab run of ``variant`` as a subprocess; its table row."""
     run_dir = out / variant
     overrides = peftlab_overrides(variant, args, run_dir)
-    rc, wall = launch([sys.executable, "run.py", *overrides], out / f"{variant}.log", dict(os.environ), args.timeout)
+    rc, wall = launch(
+        [sys.executable, "run.py", *overrides], out / f"{variant}.log", dict(os.environ), args.timeout
+    )
     metrics = read_json(run_dir / "metrics.json") or {}
     mode = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("eval.mode=")), "score")
     row = peftlab_row(metrics, variant, mode)
@@ -204,17 +243,34 @@ def peftlab_row(metrics: dict, variant: str, eval_mode: str = "score") -> dict:
     eval_wall = _get(phases, "eval", "wall_s")
     figures = headline(metrics)  # as the run's last line and peftlab compare read the record
     return {
-        "runner": "peftlab", "config": variant, "guide_config": guide_config_for(variant),
-        "status": metrics.get("status", "missing"), "error": metrics.get("error"),
-        **{k: figures[k] for k in ("s_per_step", "tokens_per_s", "gpu_peak_mb", "gpu_peak_reserved_mb", "cpu_peak_mb",
-                                   "accuracy", "time_to_first_step_s")},
+        "runner": "peftlab",
+        "config": variant,
+        "guide_config": guide_config_for(variant),
+        "status": metrics.get("status", "missing"),
+        "error": metrics.get("error"),
+        **{
+            k: figures[k]
+            for k in (
+                "s_per_step",
+                "tokens_per_s",
+                "gpu_peak_mb",
+                "gpu_peak_reserved_mb",
+                "cpu_peak_mb",
+                "accuracy",
+                "time_to_first_step_s",
+            )
+        },
         "eval_s_score": final.get("eval_s_score", eval_wall if eval_mode == "score" else None),
         "eval_s_generate": final.get("eval_s_generate", eval_wall if eval_mode == "generate" else None),
         "eval_rows": final.get("n_eval"),
-        "agreement": final.get("agreement"), "generate_exact": final.get("generate_exact"),
+        "agreement": final.get("agreement"),
+        "generate_exact": final.get("generate_exact"),
         "phase_wall_s": {k: p.get("wall_s") for k, p in phases.items()},
         "run_wall_s": metrics.get("wall_s"),
-        "epochs": [{k: e.get(k) for k in ("epoch", "s_per_step", "tokens_per_s", "loss")} for e in metrics.get("epochs") or []],
+        "epochs": [
+            {k: e.get(k) for k in ("epoch", "s_per_step", "tokens_per_s", "loss")}
+            for e in metrics.get("epochs") or []
+        ],
         "ratio_to_guide": None,
     }
 
@@ -224,11 +280,17 @@ def guide_row(result: dict | None, config: str, eval_rows: int | None = None) ->
     epochs = (result or {}).get("epochs") or []
     steady = epochs[1:] or epochs
     return {
-        "runner": "guide", "config": config, "status": "finished" if epochs else "failed", "error": None,
-        "tracker": (result or {}).get("tracker"), "zero3": (result or {}).get("zero3"),
+        "runner": "guide",
+        "config": config,
+        "status": "finished" if epochs else "failed",
+        "error": None,
+        "tracker": (result or {}).get("tracker"),
+        "zero3": (result or {}).get("zero3"),
         "s_per_step": _median(e.get("s_per_it") for e in steady),
         "tokens_per_s": None,
-        "gpu_peak_mb": _max([e.get("gpu_peak_mb") for e in epochs] + [e.get("eval_gpu_peak_mb") for e in epochs]),
+        "gpu_peak_mb": _max(
+            [e.get("gpu_peak_mb") for e in epochs] + [e.get("eval_gpu_peak_mb") for e in epochs]
+        ),
         "gpu_peak_train_mb": _max(e.get("gpu_peak_mb") for e in epochs),
         "cpu_peak_mb": _max(e.get("cpu_peak_mb") for e in epochs),
         "eval_s_score": None,
@@ -268,8 +330,14 @@ def run_guide(config: str, args: argparse.Namespace, out: Path) -> dict:
     data_dir = guide_data_dir(args)
     if data_dir:
         env["DATA_DIR"] = data_dir
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(guide / "assets" / assets_cfg),
-           str(guide / "guide_script.py")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(guide / "assets" / assets_cfg),
+        str(guide / "guide_script.py"),
+    ]
     log = out / f"guide_{config}.log"
     rc, wall = launch(cmd, log, env, args.timeout)
     rows = count_rows(Path(data_dir) / "train.csv") if data_dir else None
@@ -288,7 +356,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["runner"] == "peftlab":
             base = guide.get(r.get("guide_config") or guide_config_for(r["config"]))
-            r["ratio_to_guide"] = round(r["s_per_step"] / base, 3) if base and r.get("s_per_step") is not None else None
+            r["ratio_to_guide"] = (
+                round(r["s_per_step"] / base, 3) if base and r.get("s_per_step") is not None else None
+            )
     return rows
 
 
@@ -311,11 +381,17 @@ def table(rows: list[dict], environment: str = "") -> str:
     lines.append("|" + "|".join(" --- " for _ in COLUMNS) + "|")
     for r in rows:
         lines.append("| " + " | ".join(_cell(key, r.get(key)) for key, _ in COLUMNS) + " |")
-    notes = [f"- {r['runner']} {r['config']}: {r['status']}: {r.get('error') or 'no error line'}"
-             for r in rows if r["status"] != "finished"]
-    notes += [f"- {r['config']}: score vs generate agreement {_or_na(r.get('agreement'))} (rows where generate gave a label), "
-              f"generate exact {_or_na(r.get('generate_exact'))}"
-              for r in rows if r.get("agreement") is not None or r.get("generate_exact") is not None]
+    notes = [
+        f"- {r['runner']} {r['config']}: {r['status']}: {r.get('error') or 'no error line'}"
+        for r in rows
+        if r["status"] != "finished"
+    ]
+    notes += [
+        f"- {r['config']}: score vs generate agreement {_or_na(r.get('agreement'))} (rows where generate gave a label), "
+        f"generate exact {_or_na(r.get('generate_exact'))}"
+        for r in rows
+        if r.get("agreement") is not None or r.get("generate_exact") is not None
+    ]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -329,8 +405,10 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     colours = {"guide": "tab:orange", "peftlab": "tab:blue"}
     labels = [f"{r['runner']} {r['config']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 1.2 + 0.5 * max(len(rows), 2)), sharey=True)
-    for ax, key, xlabel in ((axes[0], "s_per_step", "seconds per step (median, steady state)"),
-                            (axes[1], "gpu_peak_mb", "GPU peak allocated (MB)")):
+    for ax, key, xlabel in (
+        (axes[0], "s_per_step", "seconds per step (median, steady state)"),
+        (axes[1], "gpu_peak_mb", "GPU peak allocated (MB)"),
+    ):
         values = [r.get(key) for r in rows]
         ax.barh(range(len(rows)), [v or 0 for v in values], color=[colours[r["runner"]] for r in rows])
         top = max([v for v in values if v] or [1])
@@ -362,37 +440,105 @@ def environment(rows: list[dict]) -> dict:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = None
-    return {"device": device, "date": datetime.now().astimezone().isoformat(timespec="seconds"), "versions": found}
+    return {
+        "device": device,
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "versions": found,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gpu = cuda_available()
-    p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bart_large_arch" if gpu else "tiny_bart", help="conf/model/<name> (default: %(default)s)")
-    p.add_argument("--configs", default="none,stage2,stage3,stage3_cpu,stage3_cpu_bf16" if gpu else "none,stage2,stage3_cpu",
-                   help=f"comma list of {', '.join(VARIANTS)} (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=4 if gpu else 2, help="epochs per run, peftlab and guide (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/bench.py",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="bart_large_arch" if gpu else "tiny_bart",
+        help="conf/model/<name> (default: %(default)s)",
+    )
+    p.add_argument(
+        "--configs",
+        default="none,stage2,stage3,stage3_cpu,stage3_cpu_bf16" if gpu else "none,stage2,stage3_cpu",
+        help=f"comma list of {', '.join(VARIANTS)} (default: %(default)s)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=4 if gpu else 2,
+        help="epochs per run, peftlab and guide (default: %(default)s)",
+    )
     p.add_argument("--guide", help="folder with guide_script.py and assets/: also run the guide's script")
-    p.add_argument("--guide-configs", default=",".join(GUIDE_CONFIGS), help="with --guide: comma list of %(default)s")
-    p.add_argument("--data-dir", help="RAFT-layout twitter_complaints folder (train.csv, test.csv) for every run")
+    p.add_argument(
+        "--guide-configs", default=",".join(GUIDE_CONFIGS), help="with --guide: comma list of %(default)s"
+    )
+    p.add_argument(
+        "--data-dir", help="RAFT-layout twitter_complaints folder (train.csv, test.csv) for every run"
+    )
     p.add_argument("--out", help="output folder (default: outputs/bench/<timestamp>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra Hydra override for every peftlab run (repeatable)")
-    p.add_argument("--eval-both", action="store_true", help="eval.mode=both in the stage3_cpu run: score and generate timed on one model")
-    p.add_argument("--timeout", type=float, default=None, help="seconds per run (--sweep: per sweep) before it is killed (default: none)")
-    s = p.add_argument_group("the sweep benchmark (--sweep; --set, --data-dir, --out and --timeout apply too)")
-    s.add_argument("--sweep", action="store_true", help="run one sweep under several launchers instead of the guide's comparison")
-    s.add_argument("--sweep-overrides", help=f"the sweep's Hydra overrides, one string (default on GPUs: {SWEEP_GPU!r}; "
-                                             f"on the CPU: {SWEEP_CPU!r}); {' '.join(SWEEP_BASE)} beneath them")
-    s.add_argument("--rows", help="comma list of kind[:GPUs][@share of a GPU a job], kinds " + ", ".join(ROW_KINDS) + " (default: basic:1,packed:1,"
-                                  "packed:2,pairs:2 with 2+ GPUs, basic:1,packed:1 with one, basic,packed on the CPU)")
-    s.add_argument("--gpu-fraction", type=float, default=0.1,
-                   help="packed/fresh rows: hydra.launcher.ray.remote.num_gpus, a job's share of a GPU (default: %(default)s)")
-    s.add_argument("--cpus-per-job", type=float, help="Ray rows: hydra.launcher.ray.remote.num_cpus (default: the preset's "
-                                                      "1 on GPUs, 0.5 on the CPU)")
-    s.add_argument("--pairs-overrides", default=PAIRS, help="pairs rows: overrides over --sweep-overrides (default: %(default)r)")
-    s.add_argument("--ray-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra Hydra override for the Ray rows only, e.g. hydra.launcher.ray.remote.max_calls=1 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra override for every peftlab run (repeatable)",
+    )
+    p.add_argument(
+        "--eval-both",
+        action="store_true",
+        help="eval.mode=both in the stage3_cpu run: score and generate timed on one model",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per run (--sweep: per sweep) before it is killed (default: none)",
+    )
+    s = p.add_argument_group(
+        "the sweep benchmark (--sweep; --set, --data-dir, --out and --timeout apply too)"
+    )
+    s.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run one sweep under several launchers instead of the guide's comparison",
+    )
+    s.add_argument(
+        "--sweep-overrides",
+        help=f"the sweep's Hydra overrides, one string (default on GPUs: {SWEEP_GPU!r}; "
+        f"on the CPU: {SWEEP_CPU!r}); {' '.join(SWEEP_BASE)} beneath them",
+    )
+    s.add_argument(
+        "--rows",
+        help="comma list of kind[:GPUs][@share of a GPU a job], kinds "
+        + ", ".join(ROW_KINDS)
+        + " (default: basic:1,packed:1,"
+        "packed:2,pairs:2 with 2+ GPUs, basic:1,packed:1 with one, basic,packed on the CPU)",
+    )
+    s.add_argument(
+        "--gpu-fraction",
+        type=float,
+        default=0.1,
+        help="packed/fresh rows: hydra.launcher.ray.remote.num_gpus, a job's share of a GPU (default: %(default)s)",
+    )
+    s.add_argument(
+        "--cpus-per-job",
+        type=float,
+        help="Ray rows: hydra.launcher.ray.remote.num_cpus (default: the preset's 1 on GPUs, 0.5 on the CPU)",
+    )
+    s.add_argument(
+        "--pairs-overrides",
+        default=PAIRS,
+        help="pairs rows: overrides over --sweep-overrides (default: %(default)r)",
+    )
+    s.add_argument(
+        "--ray-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra override for the Ray rows only, e.g. hydra.launcher.ray.remote.max_calls=1 (repeatable)",
+    )
     args = p.parse_args(argv)
     for flag, values in (("--set", args.set), ("--ray-set", args.ray_set)):
         bad = [v for v in values if "=" not in v]
@@ -419,7 +565,11 @@ def prepare_weights(args: argparse.Namespace) -> float | None:
 
     from peftlab import modeling
 
-    overrides = [o for o in merge_overrides([f"model={args.model}"], BASE_OVERRIDES, args.set) if not o.startswith("hydra.")]
+    overrides = [
+        o
+        for o in merge_overrides([f"model={args.model}"], BASE_OVERRIDES, args.set)
+        if not o.startswith("hydra.")
+    ]
     with initialize_config_dir(config_dir=str(repo_root() / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     if cfg.model.pretrained or not cfg.model.get("materialize", True):
@@ -441,13 +591,34 @@ ROW_KINDS = {
     "fresh": "as packed, with a fresh Ray worker per job (hydra.launcher.ray.remote.max_calls=1)",
     "pairs": "hydra/launcher=ray, a 2 x 2 sweep (--pairs-overrides) of launcher.num_processes=2 jobs",
 }
-SWEEP_COLUMNS = [("row", "row"), ("gpus", "GPUs"), ("jobs", "jobs"), ("wall_s", "wall s"), ("jobs_per_hour", "jobs/h"),
-                 ("ratio_to_basic", "ratio to basic"), ("gpu_mem_peak_mb", "GPU memory peak MB (nvidia-smi)"),
-                 ("job_gpu_peak_mb", "job GPU peak MB (allocated)"), ("span_s", "job s (median)"), ("s_per_step", "s/step (median job)"),
-                 ("time_to_first_step_s", "time to first step s (median)"), ("startup_share", "start-up share (median)"),
-                 ("eval_s", "eval s (median)"), ("records", "records"), ("same_predictions", "same predictions as basic")]
-SWEEP_FORMATS = {"wall_s": "{:.1f}", "jobs_per_hour": "{:.0f}", "ratio_to_basic": "{:.2f}", "job_gpu_peak_mb": "{:.0f}",
-                 "span_s": "{:.1f}", "s_per_step": "{:.4g}", "time_to_first_step_s": "{:.1f}", "startup_share": "{:.0%}", "eval_s": "{:.2f}"}
+SWEEP_COLUMNS = [
+    ("row", "row"),
+    ("gpus", "GPUs"),
+    ("jobs", "jobs"),
+    ("wall_s", "wall s"),
+    ("jobs_per_hour", "jobs/h"),
+    ("ratio_to_basic", "ratio to basic"),
+    ("gpu_mem_peak_mb", "GPU memory peak MB (nvidia-smi)"),
+    ("job_gpu_peak_mb", "job GPU peak MB (allocated)"),
+    ("span_s", "job s (median)"),
+    ("s_per_step", "s/step (median job)"),
+    ("time_to_first_step_s", "time to first step s (median)"),
+    ("startup_share", "start-up share (median)"),
+    ("eval_s", "eval s (median)"),
+    ("records", "records"),
+    ("same_predictions", "same predictions as basic"),
+]
+SWEEP_FORMATS = {
+    "wall_s": "{:.1f}",
+    "jobs_per_hour": "{:.0f}",
+    "ratio_to_basic": "{:.2f}",
+    "job_gpu_peak_mb": "{:.0f}",
+    "span_s": "{:.1f}",
+    "s_per_step": "{:.4g}",
+    "time_to_first_step_s": "{:.1f}",
+    "startup_share": "{:.0%}",
+    "eval_s": "{:.2f}",
+}
 
 
 def visible_gpus() -> list[str]:
@@ -476,10 +647,14 @@ def sweep_rows(spec: str, gpus: list[str]) -> list[tuple[str, str, int, float | 
         except ValueError:
             fraction = -1.0
         if share and (kind not in ("packed", "fresh") or not 0 < fraction <= 1):
-            raise SystemExit(f"error: --rows {item}: '@' takes a job's share of a GPU (0 < share <= 1), packed and fresh rows only")
+            raise SystemExit(
+                f"error: --rows {item}: '@' takes a job's share of a GPU (0 < share <= 1), packed and fresh rows only"
+            )
         k = (int(count) if count else (2 if kind == "pairs" else 1)) if gpus else 0
         if k > len(gpus):
-            raise SystemExit(f"error: --rows {item} needs {k} GPUs, {len(gpus)} visible (CUDA_VISIBLE_DEVICES)")
+            raise SystemExit(
+                f"error: --rows {item} needs {k} GPUs, {len(gpus)} visible (CUDA_VISIBLE_DEVICES)"
+            )
         if gpus and kind == "pairs" and k < 2:
             raise SystemExit(f"error: --rows {item}: two-process jobs need 2 GPUs (pairs:2)")
         if gpus and k < 1:
@@ -491,7 +666,9 @@ def sweep_rows(spec: str, gpus: list[str]) -> list[tuple[str, str, int, float | 
     return rows
 
 
-def sweep_overrides(kind: str, gpus: int, args: argparse.Namespace, sweep_dir: Path, fraction: float | None = None) -> list[str]:
+def sweep_overrides(
+    kind: str, gpus: int, args: argparse.Namespace, sweep_dir: Path, fraction: float | None = None
+) -> list[str]:
     """The ``run.py`` arguments of one row: the sweep (pairs: its 2 x 2 of two-process jobs), then the launcher's."""
     pairs = [*shlex.split(args.pairs_overrides), "launcher.num_processes=2"] if kind == "pairs" else []
     data = [f"dataset.data_dir={args.data_dir}"] if args.data_dir else []
@@ -522,8 +699,12 @@ class GpuMemory:
     @staticmethod
     def sample() -> dict[str, int]:
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=10).stdout
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=index,uuid,memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
         except (OSError, subprocess.TimeoutExpired):
             return {}
         found = {}
@@ -570,11 +751,21 @@ def sweep_job(job_dir: Path) -> dict:
     train_start, ttfs = _get(phases, "train", "start_time"), figures["time_to_first_step_s"]
     span = round(ttfs + max(ends) - train_start, 2) if ends and train_start and ttfs is not None else None
     labels = predictions(job_dir / "predictions.csv")
-    return {"job": int(job_dir.name), "status": metrics.get("status", "missing"), "error": metrics.get("error"),
-            "n_eval": (metrics.get("final") or {}).get("n_eval"), "predictions": None if labels is None else len(labels),
-            "accuracy": figures["accuracy"], "s_per_step": figures["s_per_step"], "gpu_peak_mb": figures["gpu_peak_mb"],
-            "time_to_first_step_s": ttfs, "span_s": span, "eval_s": _get(phases, "eval", "wall_s"),
-            "startup_share": round(ttfs / span, 4) if span else None, "labels": labels}
+    return {
+        "job": int(job_dir.name),
+        "status": metrics.get("status", "missing"),
+        "error": metrics.get("error"),
+        "n_eval": (metrics.get("final") or {}).get("n_eval"),
+        "predictions": None if labels is None else len(labels),
+        "accuracy": figures["accuracy"],
+        "s_per_step": figures["s_per_step"],
+        "gpu_peak_mb": figures["gpu_peak_mb"],
+        "time_to_first_step_s": ttfs,
+        "span_s": span,
+        "eval_s": _get(phases, "eval", "wall_s"),
+        "startup_share": round(ttfs / span, 4) if span else None,
+        "labels": labels,
+    }
 
 
 def records_check(jobs: list[dict]) -> tuple[str, bool]:
@@ -582,40 +773,75 @@ def records_check(jobs: list[dict]) -> tuple[str, bool]:
     a predictions.csv whose row count is not its record's n_eval, or jobs that scored different numbers of rows."""
     finished = sum(j["status"] == "finished" for j in jobs)
     bad = [f"job {j['job']} {j['status']}" for j in jobs if j["status"] != "finished"]
-    bad += [f"job {j['job']} {j['predictions']} predictions for n_eval {j['n_eval']}"
-            for j in jobs if j["status"] == "finished" and (j["predictions"] is None or j["predictions"] != j["n_eval"])]
+    bad += [
+        f"job {j['job']} {j['predictions']} predictions for n_eval {j['n_eval']}"
+        for j in jobs
+        if j["status"] == "finished" and (j["predictions"] is None or j["predictions"] != j["n_eval"])
+    ]
     counts = sorted({j["predictions"] for j in jobs if j["predictions"] is not None})
     if len(counts) > 1:
         bad.append(f"prediction counts differ between jobs: {counts}")
-    head = f"{finished}/{len(jobs)} finished" + (f", {counts[0]} predictions each" if len(counts) == 1 else "")
+    head = f"{finished}/{len(jobs)} finished" + (
+        f", {counts[0]} predictions each" if len(counts) == 1 else ""
+    )
     return "; ".join([head, *bad]), bool(jobs) and not bad
 
 
-def sweep_row(name: str, kind: str, gpus: int, devices: list[str], args: argparse.Namespace, out: Path,
-              fraction: float | None = None) -> dict:
+def sweep_row(
+    name: str,
+    kind: str,
+    gpus: int,
+    devices: list[str],
+    args: argparse.Namespace,
+    out: Path,
+    fraction: float | None = None,
+) -> dict:
     """Run one row's sweep as a subprocess on ``devices`` (CUDA_VISIBLE_DEVICES; none: the CPU); its figures."""
     sweep_dir = out / name
     cmd = [sys.executable, "run.py", *sweep_overrides(kind, gpus, args, sweep_dir, fraction)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(devices))
     with GpuMemory() as memory:
         rc, wall = launch(cmd, out / f"{name}.log", env, args.timeout)
-    jobs = [sweep_job(d) for d in sorted(sweep_dir.glob("[0-9]*"), key=lambda d: int(d.name)) if d.name.isdigit()]
+    jobs = [
+        sweep_job(d) for d in sorted(sweep_dir.glob("[0-9]*"), key=lambda d: int(d.name)) if d.name.isdigit()
+    ]
     done = [j for j in jobs if j["status"] == "finished"]
     records, records_ok = records_check(jobs)
-    row = {"row": name, "kind": kind, "gpus": gpus, "devices": devices, "command": cmd[1:], "returncode": rc,
-           "wall_s": wall, "jobs": len(jobs), "finished": len(done),
-           "jobs_per_hour": round(len(done) * 3600 / wall, 1) if wall else None, "ratio_to_basic": None,
-           "gpu_mem_peak_mb": {d: memory.peaks.get(d) for d in devices} if memory.peaks else None,
-           "gpu_mem_baseline_mb": {d: memory.baseline.get(d) for d in devices} if memory.baseline else None,
-           "job_gpu_peak_mb": _max(j["gpu_peak_mb"] for j in jobs),
-           **{k: _median(j[k] for j in done) for k in ("span_s", "s_per_step", "time_to_first_step_s", "startup_share", "eval_s")},
-           "records": records, "same_predictions": None, "log": str(out / f"{name}.log"),
-           "sweep": read_json(sweep_dir / "sweep.json"), "jobs_detail": jobs}
+    row = {
+        "row": name,
+        "kind": kind,
+        "gpus": gpus,
+        "devices": devices,
+        "command": cmd[1:],
+        "returncode": rc,
+        "wall_s": wall,
+        "jobs": len(jobs),
+        "finished": len(done),
+        "jobs_per_hour": round(len(done) * 3600 / wall, 1) if wall else None,
+        "ratio_to_basic": None,
+        "gpu_mem_peak_mb": {d: memory.peaks.get(d) for d in devices} if memory.peaks else None,
+        "gpu_mem_baseline_mb": {d: memory.baseline.get(d) for d in devices} if memory.baseline else None,
+        "job_gpu_peak_mb": _max(j["gpu_peak_mb"] for j in jobs),
+        **{
+            k: _median(j[k] for j in done)
+            for k in ("span_s", "s_per_step", "time_to_first_step_s", "startup_share", "eval_s")
+        },
+        "records": records,
+        "same_predictions": None,
+        "log": str(out / f"{name}.log"),
+        "sweep": read_json(sweep_dir / "sweep.json"),
+        "jobs_detail": jobs,
+    }
     ok = rc == 0 and records_ok
     row["status"] = "finished" if ok else ("timeout" if rc is None else "failed")
     if not ok:
-        row["error"] = (f"killed after --timeout {args.timeout} s" if rc is None
-                        else records if jobs and not records_ok else last_error_line(out / f"{name}.log"))
+        row["error"] = (
+            f"killed after --timeout {args.timeout} s"
+            if rc is None
+            else records
+            if jobs and not records_ok
+            else last_error_line(out / f"{name}.log")
+        )
     return row
 
 
@@ -628,8 +854,10 @@ def compare_rows(rows: list[dict]) -> list[dict]:
             continue
         r["ratio_to_basic"] = round(r["wall_s"] / basic["wall_s"], 3) if basic["wall_s"] else None
         theirs = {j["job"]: j["labels"] for j in basic["jobs_detail"]}
-        r["same_predictions"] = f"{sum(j['labels'] is not None and j['labels'] == theirs.get(j['job']) for j in r['jobs_detail'])}" \
-                                f"/{len(r['jobs_detail'])}"
+        r["same_predictions"] = (
+            f"{sum(j['labels'] is not None and j['labels'] == theirs.get(j['job']) for j in r['jobs_detail'])}"
+            f"/{len(r['jobs_detail'])}"
+        )
     if basic is not None:
         basic["ratio_to_basic"] = 1.0
     for r in rows:
@@ -652,8 +880,14 @@ def sweep_table(rows: list[dict], header: str = "") -> str:
     lines = [header, ""] if header else []
     lines.append("| " + " | ".join(title for _, title in SWEEP_COLUMNS) + " |")
     lines.append("|" + "|".join(" --- " for _ in SWEEP_COLUMNS) + "|")
-    lines += ["| " + " | ".join(_sweep_cell(key, r.get(key)) for key, _ in SWEEP_COLUMNS) + " |" for r in rows]
-    notes = [f"- {r['row']}: {r['status']}: {r.get('error') or 'no error line'}" for r in rows if r["status"] != "finished"]
+    lines += [
+        "| " + " | ".join(_sweep_cell(key, r.get(key)) for key, _ in SWEEP_COLUMNS) + " |" for r in rows
+    ]
+    notes = [
+        f"- {r['row']}: {r['status']}: {r.get('error') or 'no error line'}"
+        for r in rows
+        if r["status"] != "finished"
+    ]
     notes += [f"- {kind}: {text}" for kind, text in ROW_KINDS.items() if any(r["kind"] == kind for r in rows)]
     return "\n".join(lines + [""] + notes) + "\n"
 
@@ -665,16 +899,27 @@ def sweep_plot(rows: list[dict], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mem = [max((v for v in (r.get("gpu_mem_peak_mb") or {}).values() if v is not None), default=None) for r in rows]
+    mem = [
+        max((v for v in (r.get("gpu_mem_peak_mb") or {}).values() if v is not None), default=None)
+        for r in rows
+    ]
     panels = [([r["wall_s"] for r in rows], "sweep wall time (s)", "{:.0f}")]
     if any(m is not None for m in mem):
         panels.append((mem, "GPU memory peak, highest GPU (MiB, nvidia-smi)", "{:.0f}"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 1.2 + 0.5 * max(len(rows), 2)), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(6 * len(panels), 1.2 + 0.5 * max(len(rows), 2)), squeeze=False
+    )
     for ax, (values, xlabel, fmt) in zip(axes[0], panels):
-        ax.barh(range(len(rows)), [v or 0 for v in values], color=["tab:gray" if r["kind"] == "basic" else "tab:blue" for r in rows])
+        ax.barh(
+            range(len(rows)),
+            [v or 0 for v in values],
+            color=["tab:gray" if r["kind"] == "basic" else "tab:blue" for r in rows],
+        )
         top = max([v for v in values if v] or [1])
         for i, v in enumerate(values):
-            ax.text((v or 0) + top * 0.01, i, fmt.format(v) if v is not None else "n/a", va="center", fontsize=9)
+            ax.text(
+                (v or 0) + top * 0.01, i, fmt.format(v) if v is not None else "n/a", va="center", fontsize=9
+            )
         ax.set_xlim(0, top * 1.25)
         ax.set_xlabel(xlabel)
         ax.set_yticks(range(len(rows)), [r["row"] for r in rows])
@@ -704,22 +949,41 @@ def sweep_main(args: argparse.Namespace, out: Path) -> int:
     in every job) and how many jobs predicted exactly as the basic row's job of the same number.
     Exit code 1 when a row did not finish right."""
     gpus = visible_gpus()
-    rows_spec = sweep_rows(args.rows or (("basic:1,packed:1,packed:2,pairs:2" if len(gpus) >= 2 else "basic:1,packed:1")
-                                         if gpus else "basic,packed"), gpus)
+    rows_spec = sweep_rows(
+        args.rows
+        or (
+            ("basic:1,packed:1,packed:2,pairs:2" if len(gpus) >= 2 else "basic:1,packed:1")
+            if gpus
+            else "basic,packed"
+        ),
+        gpus,
+    )
     args.sweep_overrides = args.sweep_overrides or (SWEEP_GPU if gpus else SWEEP_CPU)
     if args.cpus_per_job is None and not gpus:
         args.cpus_per_job = 0.5
-    model = next((o.split("=", 1)[1] for o in reversed(shlex.split(args.sweep_overrides) + args.set)
-                  if o.startswith("model=")), None)
+    model = next(
+        (
+            o.split("=", 1)[1]
+            for o in reversed(shlex.split(args.sweep_overrides) + args.set)
+            if o.startswith("model=")
+        ),
+        None,
+    )
     prepared = prepare_weights(argparse.Namespace(model=model, set=args.set)) if model else None
     if prepared is not None:
-        print(f"[bench] random weights of {model} built and cached in {prepared} s (before any timed sweep)", flush=True)
+        print(
+            f"[bench] random weights of {model} built and cached in {prepared} s (before any timed sweep)",
+            flush=True,
+        )
     rows = []
     for i, (name, kind, k, fraction) in enumerate(rows_spec, 1):
         print(f"[bench {i}/{len(rows_spec)}] {name}: {ROW_KINDS[kind]} ...", flush=True)
         row = sweep_row(name, kind, k, gpus[:k], args, out, fraction)
-        print(f"[bench {i}/{len(rows_spec)}] {name}: {row['status']}, {row['wall_s']} s, {row['records']}"
-              f"{'  -- ' + str(row.get('error')) if row['status'] != 'finished' else ''}", flush=True)
+        print(
+            f"[bench {i}/{len(rows_spec)}] {name}: {row['status']}, {row['wall_s']} s, {row['records']}"
+            f"{'  -- ' + str(row.get('error')) if row['status'] != 'finished' else ''}",
+            flush=True,
+        )
         rows.append(row)
     compare_rows(rows)
     env = environment(rows)
@@ -727,10 +991,24 @@ def sweep_main(args: argparse.Namespace, out: Path) -> int:
     header = f"device: {env['device']} x {len(gpus) or 'cpu'} | {env['date']} | {versions} | sweep: {args.sweep_overrides}"
     md = sweep_table(rows, header)
     (out / "bench.md").write_text(md)
-    (out / "bench.json").write_text(json.dumps({**env, "sweep": True, "sweep_overrides": args.sweep_overrides,
-                                                "pairs_overrides": args.pairs_overrides, "gpu_fraction": args.gpu_fraction,
-                                                "cpus_per_job": args.cpus_per_job, "out": str(out), "weights_prepared_s": prepared,
-                                                "rows": rows}, indent=2, default=str) + "\n")
+    (out / "bench.json").write_text(
+        json.dumps(
+            {
+                **env,
+                "sweep": True,
+                "sweep_overrides": args.sweep_overrides,
+                "pairs_overrides": args.pairs_overrides,
+                "gpu_fraction": args.gpu_fraction,
+                "cpus_per_job": args.cpus_per_job,
+                "out": str(out),
+                "weights_prepared_s": prepared,
+                "rows": rows,
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
     sweep_plot(rows, out / "bench.png", header)
     print(f"\nwritten: {out}/bench.json, bench.md, bench.png (logs: {out}/*.log)\n")
     print(md, flush=True)
@@ -746,25 +1024,45 @@ def main(argv: list[str] | None = None) -> int:
         return sweep_main(args, out)
     prepared = prepare_weights(args)
     if prepared is not None:
-        print(f"[bench] random weights of {args.model} built and cached in {prepared} s (before any timed run)", flush=True)
+        print(
+            f"[bench] random weights of {args.model} built and cached in {prepared} s (before any timed run)",
+            flush=True,
+        )
     rows = []
     jobs = [("guide", c) for c in args.guide_list] + [("peftlab", v) for v in chosen]
     for i, (runner, name) in enumerate(jobs, 1):
         print(f"[bench {i}/{len(jobs)}] {runner} {name} ...", flush=True)
         row = run_guide(name, args, out) if runner == "guide" else run_peftlab(name, args, out)
-        print(f"[bench {i}/{len(jobs)}] {runner} {name}: {row['status']}, s/step {row.get('s_per_step')}, "
-              f"{row.get('wall_s')} s{'  -- ' + str(row.get('error')) if row['status'] != 'finished' else ''}", flush=True)
+        print(
+            f"[bench {i}/{len(jobs)}] {runner} {name}: {row['status']}, s/step {row.get('s_per_step')}, "
+            f"{row.get('wall_s')} s{'  -- ' + str(row.get('error')) if row['status'] != 'finished' else ''}",
+            flush=True,
+        )
         rows.append(row)
     summarize(rows)
     env = environment(rows)
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if k in ("torch", "deepspeed"))
-    header = f"device: {env['device']} | {env['date']} | {versions} | model {args.model}, {args.epochs} epochs"
+    header = (
+        f"device: {env['device']} | {env['date']} | {versions} | model {args.model}, {args.epochs} epochs"
+    )
     md = table(rows, header)
     (out / "bench.md").write_text(md)
-    (out / "bench.json").write_text(json.dumps({**env, "model": args.model, "epochs": args.epochs, "out": str(out),
-                                                "weights_prepared_s": prepared,
-                                                "argv": sys.argv[1:] if argv is None else argv, "rows": rows},
-                                               indent=2, default=str) + "\n")
+    (out / "bench.json").write_text(
+        json.dumps(
+            {
+                **env,
+                "model": args.model,
+                "epochs": args.epochs,
+                "out": str(out),
+                "weights_prepared_s": prepared,
+                "argv": sys.argv[1:] if argv is None else argv,
+                "rows": rows,
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
     plot(rows, out / "bench.png", header)
     print(f"\nwritten: {out}/bench.json, bench.md, bench.png (logs: {out}/*.log)\n")
     print(md, flush=True)

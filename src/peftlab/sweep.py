@@ -35,7 +35,9 @@ def count_jobs(config: DictConfig) -> int | None:
 
     try:
         overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        return math.prod(len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in overrides)
+        return math.prod(
+            len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in overrides
+        )
     except Exception:  # interval sweeps and the like: the sweeper alone knows
         return None
 
@@ -74,14 +76,31 @@ def summarize(jobs: list[dict], wall_s: float, now: float | None = None) -> dict
     start = (time.time() if now is None else now) - wall_s
     earlier = [j for j in jobs if started_before(j, start)]
     ran = [j for j in jobs if not started_before(j, start)]
-    in_jobs = round(sum((j.get("phases", {}).get(p, {}).get("wall_s") or 0) for j in ran for p in ("train", "eval", "validation")), 2)
+    in_jobs = round(
+        sum(
+            (j.get("phases", {}).get(p, {}).get("wall_s") or 0)
+            for j in ran
+            for p in ("train", "eval", "validation")
+        ),
+        2,
+    )
     wall_s = round(wall_s, 2)  # the share is computed from the figures the record shows
-    return {"jobs": len(jobs), "finished": statuses.count("finished"), "not_finished": len(jobs) - statuses.count("finished"),
-            "statuses": {s: statuses.count(s) for s in sorted(set(statuses))}, "wall_s": wall_s,
-            "ran": len(ran), "skipped_finished": sum(j.get("status") == "finished" for j in earlier),
-            "train_eval_s": in_jobs, "outside_train_eval": round(1 - in_jobs / wall_s, 4) if wall_s else None,
-            "failed": [{"run_dir": j.get("run_dir"), "status": j.get("status"), "error": j.get("error")}
-                       for j in jobs if j.get("status") != "finished"]}
+    return {
+        "jobs": len(jobs),
+        "finished": statuses.count("finished"),
+        "not_finished": len(jobs) - statuses.count("finished"),
+        "statuses": {s: statuses.count(s) for s in sorted(set(statuses))},
+        "wall_s": wall_s,
+        "ran": len(ran),
+        "skipped_finished": sum(j.get("status") == "finished" for j in earlier),
+        "train_eval_s": in_jobs,
+        "outside_train_eval": round(1 - in_jobs / wall_s, 4) if wall_s else None,
+        "failed": [
+            {"run_dir": j.get("run_dir"), "status": j.get("status"), "error": j.get("error")}
+            for j in jobs
+            if j.get("status") != "finished"
+        ],
+    }
 
 
 def compose_each_job_once(loader) -> None:
@@ -120,13 +139,27 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        summary = summarize(read_jobs(sweep_dir), time.perf_counter() - getattr(self, "start", time.perf_counter()))
+        summary = summarize(
+            read_jobs(sweep_dir), time.perf_counter() - getattr(self, "start", time.perf_counter())
+        )
         (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
         share = summary["outside_train_eval"]
-        skipped = f", {summary['skipped_finished']} skipped as already finished" if summary.get("skipped_finished") else ""
-        log.info("sweep %s: %d jobs, %d finished, %d not finished %s%s | %.0f s, %s outside the jobs' train/eval phases",
-                 sweep_dir, summary["jobs"], summary["finished"], summary["not_finished"], summary["statuses"], skipped,
-                 summary["wall_s"], f"{share:.0%}" if share is not None else "n/a")
+        skipped = (
+            f", {summary['skipped_finished']} skipped as already finished"
+            if summary.get("skipped_finished")
+            else ""
+        )
+        log.info(
+            "sweep %s: %d jobs, %d finished, %d not finished %s%s | %.0f s, %s outside the jobs' train/eval phases",
+            sweep_dir,
+            summary["jobs"],
+            summary["finished"],
+            summary["not_finished"],
+            summary["statuses"],
+            skipped,
+            summary["wall_s"],
+            f"{share:.0%}" if share is not None else "n/a",
+        )
         for job in summary["failed"]:
             log.error("  %s: %s %s", job["run_dir"], job["status"], job["error"] or "")
         os.environ.pop(TOTAL_ENV, None)
@@ -183,8 +216,10 @@ def prepare_local_ray(launcher: DictConfig) -> None:
             log.warning("ray was imported before the sweep: its local instance listens on all interfaces")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     if os.environ.get("RAY_AUTH_MODE", "token") != "token":
-        log.warning("RAY_AUTH_MODE=%s ignored: the sweep's own Ray instance keeps token authentication on",
-                    os.environ["RAY_AUTH_MODE"])
+        log.warning(
+            "RAY_AUTH_MODE=%s ignored: the sweep's own Ray instance keeps token authentication on",
+            os.environ["RAY_AUTH_MODE"],
+        )
     os.environ["RAY_AUTH_MODE"] = "token"
 
 
@@ -223,8 +258,10 @@ def check_worker_gpus() -> None:
     on other GPUs than Ray assigned this one (see :func:`worker_reuse_safe`), so it never runs there."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if _worker_gpus is not None and visible != _worker_gpus:
-        raise RuntimeError(f"this Ray worker ran an earlier job on GPU(s) {_worker_gpus!r} and keeps them, but Ray assigned "
-                           f"this job GPU(s) {visible!r}: set hydra.launcher.ray.remote.max_calls=1 (a fresh worker per job)")
+        raise RuntimeError(
+            f"this Ray worker ran an earlier job on GPU(s) {_worker_gpus!r} and keeps them, but Ray assigned "
+            f"this job GPU(s) {visible!r}: set hydra.launcher.ray.remote.max_calls=1 (a fresh worker per job)"
+        )
 
 
 def note_worker_gpus() -> None:
@@ -253,8 +290,11 @@ class RaySweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         missing = ray_missing()
         if missing:
-            print(f"error: hydra/launcher={config.hydra.runtime.choices.get('hydra/launcher', 'ray')} needs the "
-                  f"ray extra ({', '.join(missing)} not installed): {RAY_EXTRA}", file=sys.stderr)
+            print(
+                f"error: hydra/launcher={config.hydra.runtime.choices.get('hydra/launcher', 'ray')} needs the "
+                f"ray extra ({', '.join(missing)} not installed): {RAY_EXTRA}",
+                file=sys.stderr,
+            )
             sys.exit(2)
         self.total, self.since = count_jobs(config), time.time()
         launcher = config.hydra.launcher
@@ -272,10 +312,17 @@ class RaySweep(Callback):
             if remote.get("max_calls") is None:
                 remote.max_calls = 0 if safe else 1
             elif remote.max_calls != 1 and not safe:
-                where = f"this Ray instance's {gpus} GPUs" if local else "a cluster's nodes (GPUs per node unknown here)"
-                print(f"error: hydra.launcher.ray.remote.max_calls={remote.max_calls} lets a Ray worker run several jobs, "
-                      f"but jobs of num_gpus={remote.num_gpus} on {where} can be given other GPUs than the ones a reused "
-                      "worker keeps: use max_calls=1, or null (peftlab reuses workers where it is safe)", file=sys.stderr)
+                where = (
+                    f"this Ray instance's {gpus} GPUs"
+                    if local
+                    else "a cluster's nodes (GPUs per node unknown here)"
+                )
+                print(
+                    f"error: hydra.launcher.ray.remote.max_calls={remote.max_calls} lets a Ray worker run several jobs, "
+                    f"but jobs of num_gpus={remote.num_gpus} on {where} can be given other GPUs than the ones a reused "
+                    "worker keeps: use max_calls=1, or null (peftlab reuses workers where it is safe)",
+                    file=sys.stderr,
+                )
                 sys.exit(2)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
@@ -291,10 +338,20 @@ class RaySweep(Callback):
         job_dir = Path(hydra.runtime.output_dir)
         status = (read_json(job_dir / "metrics.json") or {}).get("status", "no record")
         running = running_jobs(job_dir.parent, getattr(self, "since", 0.0))
-        log.info("job %d/%s %s: %s | %d running", hydra.job.num + 1, self.total or "?", status,
-                 " ".join(hydra.overrides.task) or "(no overrides)", running)
-        if not running:  # maybe the last job: Ray forwards workers' output with a delay (its log monitor polls
-            time.sleep(1.0)  # files), and output not forwarded when the sweep ends Ray never reaches the terminal
+        log.info(
+            "job %d/%s %s: %s | %d running",
+            hydra.job.num + 1,
+            self.total or "?",
+            status,
+            " ".join(hydra.overrides.task) or "(no overrides)",
+            running,
+        )
+        if (
+            not running
+        ):  # maybe the last job: Ray forwards workers' output with a delay (its log monitor polls
+            time.sleep(
+                1.0
+            )  # files), and output not forwarded when the sweep ends Ray never reaches the terminal
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         ray = sys.modules.get("ray")
