@@ -268,7 +268,7 @@ def check_all(cfg: DictConfig, shared_dir_given: bool = False) -> str:
             launch.check(cfg, shared_dir_given)
         from peftlab import data
 
-        if cfg.model.task == "seq_cls" and cfg.model.get("pooling", "cls") == "mean":
+        if cfg.model.task == "seq_cls" and cfg.model.pooling == "mean":
             from peftlab.modeling import check_pooling
 
             check_pooling(cfg.model)

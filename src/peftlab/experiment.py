@@ -15,7 +15,7 @@ import psutil
 import torch
 from omegaconf import DictConfig
 
-from peftlab import checkpoint, data, engine, modeling, rundir
+from peftlab import checkpoint, data, engine, metrics, modeling, rundir
 from peftlab.config import ConfigError, peft_method, validate
 from peftlab.distributed import reset_state
 from peftlab.fit import Base, Job, fit
@@ -110,6 +110,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, resume_from) -> dict
     for train_rows, eval_rows in plan:
         data.check_disjoint(train_rows, eval_rows)
     warnings = data.doubts(cfg.dataset, splits, plan_name, plan, speak=is_main_process())
+    metrics.load_metrics(tuple(cfg.eval.metrics), len(data.label_names(cfg.dataset)))  # one unable to score: now
     # every split tokenized once here (cached for the training and evaluation lists): a prompt that leaves
     # no room for the text fails before any model loads, and the rows whose text was cut are counted
     names, tokenizer, method = data.label_names(cfg.dataset), modeling.load_tokenizer(cfg.model), peft_method(cfg)
@@ -183,7 +184,7 @@ def _fit_all(cfg, base: Base, run_dir, splits, named_plan, record, prefix: str =
     if is_main_process():
         header = ["id", "fold", "label", "prediction", "correct"] + [f"logp_{n}" for n in names] + ["generated", "text"]
         write_csv(run_dir / f"{prefix}predictions.csv", header, rows_out)
-    final = classification_figures(gold, pred, names)
+    final = classification_figures(gold, pred, names, cfg.eval.metrics)
     final["split"] = plan_name
     last = outs[-1]
     final.update({f"eval_s_{mode}": seconds for mode, seconds in last["eval_s"].items()})

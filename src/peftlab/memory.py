@@ -108,7 +108,7 @@ def release_failed_job(error: BaseException | None) -> None:
     the engine from inside autograd, where the garbage collector cannot see them), then the finished
     frames are cleared. A cleared frame still keeps the function it ran, so a closure that one of the failed
     calls made and that failed inside itself would keep what it closes over (``predict`` over ``model`` in
-    ``fit_and_evaluate``, torch's per-call ``Module._call_impl.<locals>.inner`` over the module): the cells of
+    ``fit.fit``, torch's per-call ``Module._call_impl.<locals>.inner`` over the module): the cells of
     closures made by the traceback's own frames are emptied too. The traceback still reads the same (files,
     lines, functions); frames still running are left as they are.
     """

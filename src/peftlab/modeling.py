@@ -57,7 +57,7 @@ def base_weights(m: DictConfig, seed: int, num_labels: int, cache_dir: str | Pat
     before a ZeRO-3 Accelerator exists (RuntimeError otherwise, when random weights are still to be made)."""
     if m.pretrained:
         return m.pretrained
-    return random_weights(m, seed, num_labels, cache_dir) if m.get("materialize", True) else None
+    return random_weights(m, seed, num_labels, cache_dir) if m.materialize else None
 
 
 def build_model(m: DictConfig, num_labels: int, weights: str | Path | None, *, seed: int, pad_token_id: int,
@@ -100,7 +100,7 @@ class MeanPooler(torch.nn.Module):
 
 
 def wants_mean_pooling(m: DictConfig) -> bool:
-    return m.task == "seq_cls" and m.get("pooling", "cls") == "mean"
+    return m.task == "seq_cls" and m.pooling == "mean"
 
 
 def check_pooling(m: DictConfig) -> None:
