@@ -486,6 +486,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra Hydra override for every peftlab run (repeatable)",
     )
     p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help="a config of your own, run after --configs: a name, '=', then its Hydra overrides separated by "
+        "spaces, e.g. --variant 'stage3_gran=zero=stage3 +zero.settings.stage3_module_granularity_threshold=1e4' "
+        "(repeatable)",
+    )
+    p.add_argument(
         "--eval-both",
         action="store_true",
         help="eval.mode=both in the stage3_cpu run: score and generate timed on one model",
@@ -547,6 +556,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 0 < args.gpu_fraction <= 1:
         p.error(f"--gpu-fraction {args.gpu_fraction}: a share of one GPU, above 0 and at most 1")
     args.config_list = [c for c in args.configs.split(",") if c]
+    for item in args.variant:
+        name, _, overrides = item.partition("=")
+        if not name or not overrides.strip() or name in VARIANTS:
+            p.error(f"--variant {item!r}: give a new NAME=OVERRIDES (known names: {', '.join(VARIANTS)})")
+        VARIANTS[name] = overrides.split()
+        args.config_list.append(name)
     args.guide_list = [c for c in args.guide_configs.split(",") if c] if args.guide else []
     unknown = [c for c in args.guide_list if c not in GUIDE_CONFIGS]
     if unknown:
@@ -572,7 +587,7 @@ def prepare_weights(args: argparse.Namespace) -> float | None:
     ]
     with initialize_config_dir(config_dir=str(repo_root() / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    if cfg.model.pretrained or not cfg.model.get("materialize", True):
+    if cfg.model.pretrained or not cfg.model.materialize:
         return None
     start = time.perf_counter()
     modeling.random_weights(cfg.model, cfg.seed, len(cfg.dataset.labels), cfg.paths.cache_dir)

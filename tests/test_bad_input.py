@@ -59,6 +59,7 @@ BAD = [
     (["train.batch_size=0"], None, "train.batch_size=0"),
     (["train.mixed_precision=fp8"], None, "train.mixed_precision=fp8 must be one of"),
     (["train.mixed_precision=fp16"], None, "train.mixed_precision=fp16 needs a GPU"),
+    (["eval.mixed_precision=fp16"], None, "eval.mixed_precision=fp16 must be no or bf16"),
     (["model.task=regression"], None, "model.task=regression is not one of"),
     (["model.pretrained=./no/such/model"], None, "no such folder"),
     (["model=tiny_bart", "model.task=seq_cls", "model.pooling=mean"], None, "model.pooling=mean needs an encoder with a pooler"),

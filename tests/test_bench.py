@@ -121,6 +121,10 @@ def test_eval_both_figures_and_variant_overrides():
     assert bench.merge_overrides(["a=1", "b=2"], ["a=3"]) == ["a=3", "b=2"]
     with pytest.raises(SystemExit):
         bench.variants(["stage9"])
+    with pytest.raises(SystemExit):  # --variant must name a new config and give its overrides
+        bench.parse_args(["--variant", "stage3=zero=stage2"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--variant", "mine="])
 
 
 @pytest.mark.slow
@@ -133,7 +137,9 @@ def test_bench_runs_on_the_cpu(tmp_path):
         "--model",
         "tiny_bart",
         "--configs",
-        "none,stage3_cpu",
+        "none",
+        "--variant",
+        "offload=zero=stage3_cpu eval.mixed_precision=bf16",  # a config of one's own
         "--epochs",
         "1",
         "--data-dir",
@@ -161,7 +167,7 @@ def test_bench_runs_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     rows = {r["config"]: r for r in result["rows"]}
-    assert set(rows) == {"none", "stage3_cpu"}, rows
+    assert set(rows) == {"none", "offload"}, rows
     for row in rows.values():
         assert row["runner"] == "peftlab" and row["status"] == "finished", row.get("error")
         assert isinstance(row["s_per_step"], float) and row["s_per_step"] > 0
@@ -171,7 +177,9 @@ def test_bench_runs_on_the_cpu(tmp_path):
     assert "| runner | config | s/step | tokens/s | GPU peak MB |" in md
     assert md.strip().splitlines()[-1] in proc.stdout  # the table is printed last
     assert (out / "bench.png").stat().st_size > 1000
-    assert (out / "none.log").is_file() and (out / "stage3_cpu" / "metrics.json").is_file()
+    assert (out / "none.log").is_file() and (out / "offload" / "metrics.json").is_file()
+    composed = (out / "offload" / "config.yaml").read_text()
+    assert "name: stage3_cpu" in composed and "mixed_precision: bf16" in composed
     print(f"bench CPU run: {time.perf_counter() - start:.0f} s")
 
 

@@ -102,3 +102,35 @@ def test_head_first_schedule_holds_the_adapter_until_the_head_has_trained(tmp_pa
         schedule.step()
     assert [a for _, a in lrs[:4]] == [0.0] * 4 and lrs[4][1] == 1.0 and lrs[5][1] < 1.0
     assert lrs[0][0] == 1.0 and lrs[-1][0] == pytest.approx(0.1) and lrs[-1][1] == pytest.approx(1 / 6)
+
+
+def test_held_out_batches_go_longest_first_and_predictions_come_back_in_row_order(tmp_path, tiny_data):
+    """Evaluation batches rows of about one length (less padding); predict undoes the order."""
+    cfg, names, model, tok, rows = _setup(tmp_path, tiny_data, "model=tiny_bert")
+    feats = data.encode(rows, tok, "seq_cls", cfg.dataset.prompt, names, 128)
+    assert len({len(f["input_ids"]) for f in feats}) > 3  # rows of several lengths
+    collator = data.Collator("seq_cls", "score", tok.pad_token_id)
+    widths = [b["input_ids"].shape[1] for b in data.loader(feats, collator, 3, False, 0)]
+    assert widths == sorted(widths, reverse=True) and widths[0] == max(len(f["input_ids"]) for f in feats)
+    reset_state()
+    batched = engine.predict(Accelerator(cpu=True), model, data.loader(feats, collator, 3, False, 0), "seq_cls", "score", 2)
+    one_by_one = engine.predict(Accelerator(cpu=True), model, data.loader(feats, collator, 1, False, 0), "seq_cls", "score", 2)
+    reset_state()
+    assert batched["row"] == list(range(len(feats))) and batched["pred"] == one_by_one["pred"]
+    assert torch.allclose(torch.tensor(batched["scores"]), torch.tensor(one_by_one["scores"]), atol=1e-5)
+
+
+def test_bf16_scoring_rounds_the_forward_pass_and_keeps_the_ranking(tmp_path, tiny_data):
+    """eval.mixed_precision=bf16: the forward runs in bfloat16 (scores move by rounding, not more)."""
+    cfg, names, model, tok, rows = _setup(tmp_path, tiny_data, "model=tiny_bart")
+    feats = data.encode(rows, tok, "seq2seq", cfg.dataset.prompt, names, 128)
+    collator = data.Collator("seq2seq", "score", tok.pad_token_id, data.class_targets(tok, "seq2seq", names))
+    reset_state()
+    fp32, bf16 = (engine.predict(Accelerator(cpu=True), model, data.loader(feats, collator, 4, False, 0), "seq2seq", "score",
+                                 len(names), bf16=half) for half in (False, True))
+    reset_state()
+    a, b = torch.tensor(fp32["scores"]), torch.tensor(bf16["scores"])
+    assert not torch.equal(a, b)  # bf16 did run
+    assert torch.allclose(a, b, atol=0.1, rtol=0.02)
+    margin = (a[:, 0] - a[:, 1]).abs()
+    assert all(p == q for p, q, m in zip(fp32["pred"], bf16["pred"], margin) if m > 0.2)

@@ -57,7 +57,7 @@ SCHEMA: dict[str, dict[str, str]] = {
               "mixed_precision": "str", "weight_decay": "number", "warmup_ratio": "number", "head_only_epochs": "int",
               "max_length": "int", "gradient_checkpointing": "bool", "tf32": "bool", "profile_steps": "int"},
     "eval": {"mode": "str", "split": "str", "val_fraction": "number", "folds": "int", "select_on": "str",
-             "batch_size": "int", "max_new_tokens": "int", "metrics": ANY},
+             "batch_size": "int", "max_new_tokens": "int", "mixed_precision": "str", "metrics": ANY},
     "paths": {"data_dir": "str?", "output_dir": "str", "cache_dir": "str"},
     "launcher": {"num_processes": "int", "num_machines": "int", "machine_rank": "int", "main_process_ip": "str?",
                  "main_process_port": "int?"},
@@ -319,7 +319,7 @@ def _validate_model(cfg: DictConfig) -> None:
         bool(m.pretrained) or bool(m.config),
         f"model.pretrained and model.config are both empty: give a hub id or folder (model.pretrained=...) or a config for random weights in conf/model/{m.name}.yaml",
     )
-    _check(m.get("pooling", "cls") in ("cls", "mean"), f"model.pooling={m.get('pooling')} must be cls or mean")
+    _check(m.pooling in ("cls", "mean"), f"model.pooling={m.pooling} must be cls or mean")
     for key in ("pretrained", "tokenizer"):
         if is_local(m.get(key)):
             _folder(f"model.{key}", m.get(key), needs="give an existing model folder or a hub id")
@@ -460,7 +460,7 @@ def _validate_peft(cfg: DictConfig) -> None:
         _check(p.target_r <= p.init_r, f"peft.target_r={p.target_r} must be <= peft.init_r={p.init_r}")
         for key in ("tinit", "tfinal"):
             _check(p.get(key) is None or p[key] >= 0, f"peft.{key}={p.get(key)} must be a whole number >= 0, or null for the default")
-    if cfg.model.task == "seq_cls" and cfg.model.get("pooling", "cls") == "mean":
+    if cfg.model.task == "seq_cls" and cfg.model.pooling == "mean":
         _check(method not in ("prefix_tuning", "prompt_tuning", "p_tuning"),
                f"peft={method} adds virtual tokens, which model.pooling=mean would average in; use model.pooling=cls")
 
@@ -482,6 +482,7 @@ def _validate_eval(cfg: DictConfig) -> None:
     _check(isinstance(e.folds, int) and e.folds >= 2, f"eval.folds={e.folds} must be a whole number >= 2")
     _positive_int(e.batch_size, "eval.batch_size")
     _positive_int(e.max_new_tokens, "eval.max_new_tokens")
+    _check(e.mixed_precision in ("no", "bf16"), f"eval.mixed_precision={e.mixed_precision} must be no or bf16")
     names = e.get("metrics")
     _check(isinstance(names, ListConfig) and all(isinstance(n, str) and n for n in names),
            f"eval.metrics={_show(names)} must be a list of metric names, e.g. eval.metrics=[accuracy,macro_f1,matthews_correlation]")

@@ -34,7 +34,9 @@ class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
     def __init__(self, step: int, loss: float):
-        super().__init__(f"training loss is {loss} at optimizer step {step}; lower train.lr or use train.mixed_precision=no")
+        super().__init__(
+            f"training loss is {loss} at optimizer step {step}; lower train.lr or use train.mixed_precision=no"
+        )
         self.step = step
 
 
@@ -101,8 +103,13 @@ class EpochShuffle(torch.utils.data.Sampler):
 def train_loader(feats, collate_fn, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
     """The training loader: ``EpochShuffle`` order; its own generator, so iterating it never draws
     from the global RNG (whose state a checkpoint restores)."""
-    return torch.utils.data.DataLoader(feats, batch_size=batch_size, sampler=EpochShuffle(len(feats), seed),
-                                       collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        feats,
+        batch_size=batch_size,
+        sampler=EpochShuffle(len(feats), seed),
+        collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 @dataclass
@@ -111,7 +118,9 @@ class Parts:
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object  # an LR scheduler, stepped once per batch (Accelerate skips the batches of an accumulation)
+    scheduler: (
+        object  # an LR scheduler, stepped once per batch (Accelerate skips the batches of an accumulation)
+    )
     loader: torch.utils.data.DataLoader  # ``train_loader``'s, prepared
 
 
@@ -160,19 +169,39 @@ class TrainState:
 
     def to_json(self, epoch_losses: list[float]) -> dict:
         """The state for ``trainer_state.json``, with the epoch's losses as ``epoch_losses`` (host floats)."""
-        return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "epoch_losses": epoch_losses,
-                "tokens": self.tokens, "samples": self.samples, "history": self.history}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "epoch_losses": epoch_losses,
+            "tokens": self.tokens,
+            "samples": self.samples,
+            "history": self.history,
+        }
 
     @classmethod
     def from_json(cls, saved: dict, device) -> TrainState:
         """The state ``to_json`` wrote (its losses back on ``device``); a checkpoint without an LR curve gets an empty one."""
         losses = [torch.tensor(v, dtype=torch.float32, device=device) for v in saved["epoch_losses"]]
-        return cls(saved["epoch"], saved["batch"], saved["step"], losses, saved["tokens"], saved["samples"],
-                   {**_new_history(), **saved["history"]})
+        return cls(
+            saved["epoch"],
+            saved["batch"],
+            saved["step"],
+            losses,
+            saved["tokens"],
+            saved["samples"],
+            {**_new_history(), **saved["history"]},
+        )
 
 
-def train(accelerator, parts: Parts, settings: LoopSettings, state: TrainState | None = None, checkpointer=None,
-          on_epoch=None) -> dict:
+def train(
+    accelerator,
+    parts: Parts,
+    settings: LoopSettings,
+    state: TrainState | None = None,
+    checkpointer=None,
+    on_epoch=None,
+) -> dict:
     """Train until ``settings.epochs`` are done, from ``state`` (a checkpoint's, its model and optimizer states
     loaded; None: from the start). Returns the history (``TrainState``) with ``s_per_step``, the median
     seconds per optimizer step after the first epoch. ``checkpointer`` (peftlab.checkpoint.Checkpointer)
@@ -180,8 +209,13 @@ def train(accelerator, parts: Parts, settings: LoopSettings, state: TrainState |
     Raises Diverged (a NaN/inf loss) and Interrupted (a stop signal, after its checkpoint)."""
     state = state if state is not None else TrainState()
     total = settings.epochs * len(parts.loader)
-    bar = tqdm(total=total, initial=state.epoch * len(parts.loader) + state.batch, desc="train",
-               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=state.epoch * len(parts.loader) + state.batch,
+        desc="train",
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
     STOP.training = True
     try:
         while state.epoch < settings.epochs:
@@ -190,12 +224,16 @@ def train(accelerator, parts: Parts, settings: LoopSettings, state: TrainState |
         STOP.training = False
     bar.close()
     history = state.history
-    steady = history["step_s"][len(history["step_s"]) // max(settings.epochs, 1):] or history["step_s"]  # skip epoch 1 (warm-up)
+    steady = (
+        history["step_s"][len(history["step_s"]) // max(settings.epochs, 1) :] or history["step_s"]
+    )  # skip epoch 1 (warm-up)
     history["s_per_step"] = round(statistics.median(steady), 5) if steady else None
     return history
 
 
-def _train_epoch(accelerator, parts: Parts, settings: LoopSettings, state: TrainState, checkpointer, bar, on_epoch) -> None:
+def _train_epoch(
+    accelerator, parts: Parts, settings: LoopSettings, state: TrainState, checkpointer, bar, on_epoch
+) -> None:
     """One epoch, from batch ``state.batch`` on; ``state`` then stands at the next epoch."""
     parts.model.train()
     clock, skip = StepClock(), state.batch
@@ -255,7 +293,9 @@ def _step(accelerator, parts: Parts, settings: LoopSettings, batch: dict, step: 
 def _checkpoint_if_due(accelerator, checkpointer, state: TrainState, epoch_end: bool = False) -> None:
     """A checkpoint of ``state`` where one is due, or a stop signal asks for one; then Interrupted on a stop signal."""
     stop = _stop_requested(accelerator, checkpointer, state.step, epoch_end)
-    if checkpointer is not None and (stop or checkpointer.due(state.step, state.epoch if epoch_end else None)):
+    if checkpointer is not None and (
+        stop or checkpointer.due(state.step, state.epoch if epoch_end else None)
+    ):
         losses = _host_losses(accelerator, state.epoch_losses, state.step) if state.epoch_losses else []
         checkpointer.save(state.to_json(losses))
     if stop:
@@ -311,8 +351,10 @@ def _write_profile(profiler, path) -> None:
     profiler.__exit__(None, None, None)
     table = profiler.key_averages()
     device = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    text = "\n\n".join(f"sorted by {key}:\n" + table.table(sort_by=key, row_limit=30, max_name_column_width=70)
-                        for key in dict.fromkeys([device, "self_cpu_time_total", "cpu_time_total"]))
+    text = "\n\n".join(
+        f"sorted by {key}:\n" + table.table(sort_by=key, row_limit=30, max_name_column_width=70)
+        for key in dict.fromkeys([device, "self_cpu_time_total", "cpu_time_total"])
+    )
     if path is not None:
         Path(path).write_text(text)
 
@@ -322,7 +364,7 @@ def _epoch_figures(accelerator, state: TrainState, clock: StepClock) -> dict:
     Diverged if a step's loss is NaN/inf."""
     values = _global_losses(accelerator, state.epoch_losses)  # one host sync per epoch
     accum = max(1, accelerator.gradient_accumulation_steps)
-    per_step = [sum(values[i:i + accum]) / len(values[i:i + accum]) for i in range(0, len(values), accum)]
+    per_step = [sum(values[i : i + accum]) / len(values[i : i + accum]) for i in range(0, len(values), accum)]
     first_step = state.step - len(per_step)
     history = state.history
     history["loss_curve"].extend([first_step + i + 1, round(v, 6)] for i, v in enumerate(per_step))
@@ -334,20 +376,38 @@ def _epoch_figures(accelerator, state: TrainState, clock: StepClock) -> dict:
     seconds = sum(durations)
     counts = torch.tensor([state.tokens, state.samples], device=accelerator.device)
     tokens, samples = accelerator.reduce(counts, reduction="sum").tolist()
-    return {"epoch": state.epoch, "loss": round(sum(values) / len(values), 6), "steps": len(per_step),
-            "wall_s": round(seconds, 3), "s_per_step": round(statistics.median(durations), 5) if durations else None,
-            "samples_per_s": round(samples / seconds, 2) if seconds else None,
-            "tokens_per_s": round(tokens / seconds, 1) if seconds else None}
+    return {
+        "epoch": state.epoch,
+        "loss": round(sum(values) / len(values), 6),
+        "steps": len(per_step),
+        "wall_s": round(seconds, 3),
+        "s_per_step": round(statistics.median(durations), 5) if durations else None,
+        "samples_per_s": round(samples / seconds, 2) if seconds else None,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+    }
 
 
 @torch.no_grad()
-def predict(accelerator, model, loader, task: str, mode: str, num_labels: int, *, tokenizer=None,
-            label_names=None, max_new_tokens: int = 8, synced_gpus: bool = False) -> dict:
-    """Predictions for every row of ``loader``'s dataset, in row order.
+def predict(
+    accelerator,
+    model,
+    loader,
+    task: str,
+    mode: str,
+    num_labels: int,
+    *,
+    tokenizer=None,
+    label_names=None,
+    max_new_tokens: int = 8,
+    synced_gpus: bool = False,
+    bf16: bool = False,
+) -> dict:
+    """Predictions for every row of ``loader``'s dataset, in row order (whatever order the loader gives).
 
     Returns ``{"row": [...], "pred": [...], "scores": [[log-likelihood per label], ...] | None,
     "text": [generated text] | None}``. ``score`` mode ranks each label by its (log-)likelihood;
-    ``generate`` decodes greedily and maps the text to the closest label name.
+    ``generate`` decodes greedily and maps the text to the closest label name. ``bf16``: the forward
+    passes run under ``torch.autocast`` in bfloat16 (``eval.mixed_precision=bf16``; scores still float32).
     """
     model.eval()
     rows, scores, texts = [], [], []
@@ -355,20 +415,40 @@ def predict(accelerator, model, loader, task: str, mode: str, num_labels: int, *
     for batch in bar:
         row = batch.pop("row")
         batch.pop("num_tokens")
-        if mode == "generate":
-            out = _generate(accelerator, model, batch, task, max_new_tokens, synced_gpus, tokenizer.pad_token_id)
-            rows.append(accelerator.gather_for_metrics(row))
-            texts.extend(accelerator.gather_for_metrics(tokenizer.batch_decode(out, skip_special_tokens=True), use_gather_object=True))
-            continue
-        s = _label_scores(accelerator, model, batch, task, num_labels)
+        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if mode == "generate":
+                out = _generate(
+                    accelerator, model, batch, task, max_new_tokens, synced_gpus, tokenizer.pad_token_id
+                )
+            else:
+                s = _label_scores(accelerator, model, batch, task, num_labels)
         rows.append(accelerator.gather_for_metrics(row))
-        scores.append(accelerator.gather_for_metrics(s).float().cpu())
+        if mode == "generate":
+            texts.extend(
+                accelerator.gather_for_metrics(
+                    tokenizer.batch_decode(out, skip_special_tokens=True), use_gather_object=True
+                )
+            )
+        else:
+            scores.append(accelerator.gather_for_metrics(s).float().cpu())
     row = torch.cat(rows).cpu().tolist()
     if mode == "generate":
         texts = [t.strip() for t in texts]
-        return {"row": row, "pred": [closest_label(t, label_names) for t in texts], "scores": None, "text": texts}
-    table = torch.cat(scores)
-    return {"row": row, "pred": table.argmax(-1).tolist(), "scores": table.tolist(), "text": None}
+        out = {
+            "row": row,
+            "pred": [closest_label(t, label_names) for t in texts],
+            "scores": None,
+            "text": texts,
+        }
+    else:
+        table = torch.cat(scores)
+        out = {"row": row, "pred": table.argmax(-1).tolist(), "scores": table.tolist(), "text": None}
+    return _in_row_order(out)
+
+
+def _in_row_order(out: dict) -> dict:
+    order = sorted(range(len(out["row"])), key=out["row"].__getitem__)
+    return {k: ([v[i] for i in order] if isinstance(v, list) else v) for k, v in out.items()}
 
 
 def _label_scores(accelerator, model, batch, task: str, num_labels: int) -> torch.Tensor:
@@ -376,15 +456,22 @@ def _label_scores(accelerator, model, batch, task: str, num_labels: int) -> torc
     if task == "seq_cls":
         return torch.log_softmax(model(**batch).logits.float(), dim=-1)
     labels = batch.pop("labels")
-    logits = (_seq2seq_label_logits(accelerator, model, batch, labels, num_labels) if task == "seq2seq"
-              else causal_logits(model, batch, labels.shape[1]))
+    logits = (
+        _seq2seq_label_logits(accelerator, model, batch, labels, num_labels)
+        if task == "seq2seq"
+        else causal_logits(model, batch, labels.shape[1])
+    )
     mask = labels != IGNORE
     picked = logits[mask].float().log_softmax(-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
-    per_pair = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+    per_pair = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(
+        mask, picked
+    )
     return per_pair.sum(-1).view(-1, num_labels)
 
 
-def _seq2seq_label_logits(accelerator, model, batch: dict, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+def _seq2seq_label_logits(
+    accelerator, model, batch: dict, labels: torch.Tensor, num_labels: int
+) -> torch.Tensor:
     """Logits of each (row, label) pair's label tokens, [rows * labels, label tokens, vocab]. The encoder
     runs once per row and its states are shared by the row's labels (the decoder's inputs come from
     ``labels``); prompt-learning adapters add their virtual tokens in the PEFT model's own forward, so
@@ -411,15 +498,23 @@ def training_loss(model, batch: dict, task: str) -> torch.Tensor:
         return model(**batch).loss
     labels = batch.pop("labels")
     logits = causal_logits(model, batch, labels.shape[1])
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE
+    )
 
 
 def _generate(accelerator, model, batch, task, max_new_tokens, synced_gpus, pad_id) -> torch.Tensor:
     out = accelerator.unwrap_model(model).generate(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
-        do_sample=False, num_beams=1, synced_gpus=synced_gpus, pad_token_id=pad_id)
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        synced_gpus=synced_gpus,
+        pad_token_id=pad_id,
+    )
     if task == "causal_lm":
-        out = out[:, batch["input_ids"].shape[1]:]  # only the new tokens
+        out = out[:, batch["input_ids"].shape[1] :]  # only the new tokens
     return out
 
 

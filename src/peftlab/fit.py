@@ -117,9 +117,11 @@ def fit(cfg: DictConfig, base: Base, job: Job, meter: PhaseMeter, run_dir: Path,
         extra_dl = None
         if extra_feats:
             extra_dl = data.loader(extra_feats, collator(modes[0]), cfg.eval.batch_size, False, cfg.seed)
-        result = _evaluate(accelerator, model, eval_dls, extra_dl, base, task, cfg.eval.max_new_tokens)
-    figures = classification_figures([r["label"] for r in job.eval_rows], result["eval"]["pred"], names)
-    accelerator.log({f"eval/{k}": figures[k] for k in EVAL_METRICS}, step=history["loss_curve"][-1][0])
+        result = _evaluate(accelerator, model, eval_dls, extra_dl, base, task, cfg.eval)
+    gold = [r["label"] for r in job.eval_rows]
+    figures = classification_figures(gold, result["eval"]["pred"], names, cfg.eval.metrics)
+    scalars = {f"eval/{k}": v for k, v in figures.items() if isinstance(v, int | float) and k != "n_eval"}
+    accelerator.log(scalars, step=history["loss_curve"][-1][0])
     if job.save:
         with meter.phase("save"):
             save_trained(accelerator, model, run_dir)
@@ -255,28 +257,25 @@ def _setup_checkpoints(accelerator, run_dir: Path, ck: DictConfig, job: Job):
     return checkpointer, engine.TrainState.from_json(checkpointer.load(job.resume_from), accelerator.device)
 
 
-def _evaluate(
-    accelerator, model, loaders: dict, unlabeled, base: Base, task: str, max_new_tokens: int
-) -> dict:
+def _evaluate(accelerator, model, loaders: dict, unlabeled, base: Base, task: str, ev: DictConfig) -> dict:
     """Predictions for the held-out rows in each mode of ``loaders`` (``eval``, in row order, and the seconds
     each mode took, ``eval_s``) and for the ``unlabeled`` loader's rows in the first mode (``unlabeled``)."""
     # several ZeRO-3 ranks generate in step (each forward gathers from all of them); one needs no sync
     synced = is_zero3(accelerator) and accelerator.num_processes > 1
 
     def predict(loader, mode: str) -> dict:
-        return _in_row_order(
-            engine.predict(
-                accelerator,
-                model,
-                loader,
-                task,
-                mode,
-                len(base.names),
-                tokenizer=base.tokenizer,
-                label_names=base.names,
-                max_new_tokens=max_new_tokens,
-                synced_gpus=synced,
-            )
+        return engine.predict(
+            accelerator,
+            model,
+            loader,
+            task,
+            mode,
+            len(base.names),
+            tokenizer=base.tokenizer,
+            label_names=base.names,
+            max_new_tokens=ev.max_new_tokens,
+            synced_gpus=synced,
+            bf16=ev.mixed_precision == "bf16",
         )
 
     result = {"eval_s": {}}
@@ -293,11 +292,6 @@ def _evaluate(
 def _merge(first: dict | None, second: dict) -> dict:
     """eval.mode=both: score-mode predictions, with generate-mode text and labels beside them."""
     return second if first is None else dict(first, text=second["text"], generate_pred=second["pred"])
-
-
-def _in_row_order(out: dict) -> dict:
-    order = sorted(range(len(out["row"])), key=out["row"].__getitem__)
-    return {k: ([v[i] for i in order] if isinstance(v, list) else v) for k, v in out.items()}
 
 
 def _log_epoch(accelerator, history: dict) -> None:

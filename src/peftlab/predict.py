@@ -49,7 +49,7 @@ def predict_run(run_dir: str | Path, rows: list[dict] | None = None, batch_size:
         accelerator = Accelerator(cpu=device == "cpu")
     loader = accelerator.prepare_data_loader(loader)  # batches to the model's device
     out = engine.predict(accelerator, model, loader, task, mode, len(names), tokenizer=tok, label_names=names,
-                         max_new_tokens=cfg.eval.max_new_tokens)
+                         max_new_tokens=cfg.eval.max_new_tokens, bf16=cfg.eval.get("mixed_precision") == "bf16")  # runs before the key: fp32
     reset_state()
     return rows, out, names
 
