@@ -642,8 +642,8 @@ class Collator:
 
 def loader(feats: list[dict], collator: Collator, batch_size: int, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
     """Batches of ``batch_size`` rows. Unshuffled (evaluation) the rows go longest first: each batch pads to
-    rows of about its own length instead of the longest of a random mix (bart-large's architecture on
-    twitter_complaints' test rows: 36% fewer padded tokens at batch 64), and the batch that needs the most
+    rows of about its own length instead of the longest of a mix (twitter_complaints' 3,399 test rows, the
+    guide's prompt, batch 64: 125,211 token positions instead of 218,655, of which 122,159 real), and the batch that needs the most
     memory comes first, so a batch size too large fails at once. Each row keeps its ``row`` index;
     ``engine.predict`` returns predictions in row order."""
     import torch
