@@ -7,7 +7,7 @@ Usage (from the repository root; peftlab installed, e.g. ``pip install -e '.[ray
     python benchmarks/bench.py --guide .bench_guide --data-dir ../shared/data/twitter_complaints
     python benchmarks/bench.py --eval-both --set save_adapter=false --out outputs/bench/try1
     python benchmarks/bench.py --sweep                           # one sweep, basic launcher against Ray packing
-    python benchmarks/bench.py --sweep --rows basic:1,packed:1,packed:2,pairs:2 --gpu-fraction 0.1
+    python benchmarks/bench.py --sweep --rows basic:1,packed:1,packed:2,pairs:2
 
 Every configuration is one ``python run.py model=M peft=lora peft.r=8 peft.lora_alpha=32
 train.lr=3e-3 train.batch_size=8 ...`` subprocess (so GPU memory and DeepSpeed state never carry
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import shlex
@@ -528,8 +529,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument(
         "--gpu-fraction",
         type=float,
-        default=0.1,
-        help="packed/fresh rows: hydra.launcher.ray.remote.num_gpus, a job's share of a GPU (default: %(default)s)",
+        default=None,
+        help="packed/fresh rows: hydra.launcher.ray.remote.num_gpus, a job's share of a GPU (default: 1/ceil(jobs/GPUs), "
+        "all jobs at once, spread evenly: Ray fills one GPU before it places a task on the next)",
     )
     s.add_argument(
         "--cpus-per-job",
@@ -553,7 +555,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         bad = [v for v in values if "=" not in v]
         if bad:
             p.error(f"{flag} needs KEY=VALUE, got {bad[0]!r}")
-    if not 0 < args.gpu_fraction <= 1:
+    if args.gpu_fraction is not None and not 0 < args.gpu_fraction <= 1:
         p.error(f"--gpu-fraction {args.gpu_fraction}: a share of one GPU, above 0 and at most 1")
     args.config_list = [c for c in args.configs.split(",") if c]
     for item in args.variant:
@@ -692,13 +694,30 @@ def sweep_overrides(
     if kind != "basic":
         launcher.append("hydra/launcher=ray")
         if kind in ("packed", "fresh") and gpus:
-            launcher.append(f"hydra.launcher.ray.remote.num_gpus={fraction or args.gpu_fraction}")
+            share = fraction or args.gpu_fraction or spread_share(task, gpus)
+            launcher.append(f"hydra.launcher.ray.remote.num_gpus={share}")
         if args.cpus_per_job is not None:
             launcher.append(f"hydra.launcher.ray.remote.num_cpus={args.cpus_per_job}")
         if kind == "fresh":
             launcher.append("hydra.launcher.ray.remote.max_calls=1")
         launcher = merge_overrides(launcher, args.ray_set)
     return ["-m", *task, *launcher, f"hydra.sweep.dir={sweep_dir}"]
+
+
+def job_count(overrides: list[str]) -> int:
+    """How many jobs ``run.py -m`` makes of ``overrides`` (Hydra's own parser: ``a=1,2``, ``range(...)``, ...)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra.")])
+    return math.prod(len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in parsed)
+
+
+def spread_share(overrides: list[str], gpus: int) -> float:
+    """A job's share of a GPU so that all jobs run at once, spread evenly over ``gpus``: 1/ceil(jobs/gpus),
+    rounded down to 4 digits. Ray's fractional GPUs fill one GPU before the next (measured on 2 x H200: nine
+    jobs at 0.1 each all ran on GPU 0, the other idle), so a share too small leaves GPUs unused."""
+    per_gpu = math.ceil(job_count(overrides) / gpus)
+    return math.floor(10_000 / per_gpu) / 10_000
 
 
 class GpuMemory:

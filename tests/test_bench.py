@@ -399,3 +399,14 @@ def test_the_sweep_benchmark_runs_on_the_cpu(tmp_path):
     md = (out / "bench.md").read_text()
     assert md.strip().splitlines()[-1] in proc.stdout and "| packed_cpu |" in md
     assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_packed_rows_spread_all_jobs_over_their_gpus_by_default(tmp_path):
+    """Ray fills one GPU before the next: nine jobs at 0.1 each left the second H200 idle."""
+    sweep = ["model=bart_large_arch", "peft.r=4,8,16", "peft.lora_alpha=16,32,64", "hydra.sweep.dir=x"]
+    assert bench.job_count(sweep) == 9 and bench.job_count(["peft.r=range(4,20,4)", "seed=0,1"]) == 8
+    assert (bench.spread_share(sweep, 1), bench.spread_share(sweep, 2)) == (0.1111, 0.2)
+    args = bench.parse_args(["--sweep", "--sweep-overrides", " ".join(sweep[:3])])
+    assert "hydra.launcher.ray.remote.num_gpus=0.2" in bench.sweep_overrides("packed", 2, args, tmp_path)
+    args = bench.parse_args(["--sweep", "--sweep-overrides", " ".join(sweep[:3]), "--gpu-fraction", "0.25"])
+    assert "hydra.launcher.ray.remote.num_gpus=0.25" in bench.sweep_overrides("packed", 2, args, tmp_path)

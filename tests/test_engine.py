@@ -134,3 +134,32 @@ def test_bf16_scoring_rounds_the_forward_pass_and_keeps_the_ranking(tmp_path, ti
     assert torch.allclose(a, b, atol=0.1, rtol=0.02)
     margin = (a[:, 0] - a[:, 1]).abs()
     assert all(p == q for p, q, m in zip(fp32["pred"], bf16["pred"], margin) if m > 0.2)
+
+
+@pytest.mark.slow
+def test_bf16_scoring_reaches_the_model_inside_a_zero3_engine(tmp_path, tiny_data):
+    """eval.mixed_precision=bf16 through a ZeRO-3 engine: scores in bfloat16, within rounding of fp32. (On a GPU,
+    DeepSpeed's forward turns CUDA autocast off, so predict calls the module it wraps; on the CPU its check,
+    torch.is_autocast_enabled(), looks at CUDA only: the GPU benchmark is what shows that path.)"""
+    from peftlab.distributed import make_accelerator
+
+    cfg, names, _, tok, rows = _setup(tmp_path, tiny_data, "model=tiny_bert", "zero=stage3")
+    feats = data.encode(rows, tok, "seq_cls", cfg.dataset.prompt, names, 128)
+    collator = data.Collator("seq_cls", "score", tok.pad_token_id)
+    reset_state()
+    try:
+        accelerator = make_accelerator(cfg.zero, cfg.train, str(tmp_path))
+        torch.manual_seed(0)
+        model = build(cfg, len(names))
+        optimizer = torch.optim.AdamW(modeling.trainable_parameters(model), lr=1e-3)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        assert type(model).__name__ == "DeepSpeedEngine"
+        scores = [
+            torch.tensor(engine.predict(accelerator, model, accelerator.prepare(data.loader(feats, collator, 4, False, 0)),
+                                        "seq_cls", "score", len(names), bf16=half)["scores"])
+            for half in (False, True)
+        ]
+    finally:
+        reset_state()
+    assert not torch.equal(scores[0], scores[1])  # the forward ran in bfloat16
+    assert torch.allclose(scores[0], scores[1], atol=0.1, rtol=0.02)

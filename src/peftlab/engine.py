@@ -410,6 +410,10 @@ def predict(
     passes run under ``torch.autocast`` in bfloat16 (``eval.mixed_precision=bf16``; scores still float32).
     """
     model.eval()
+    if bf16 and type(model).__name__ == "DeepSpeedEngine":
+        # its forward switches torch.autocast off unless DeepSpeed's own torch_autocast section is on (for
+        # training too); the module it wraps keeps ZeRO-3's gather hooks, and evaluation needs no backward hooks
+        model = model.module
     rows, scores, texts = [], [], []
     bar = tqdm(loader, desc=f"eval ({mode})", disable=not accelerator.is_main_process, dynamic_ncols=True)
     for batch in bar:
