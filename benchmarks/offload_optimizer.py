@@ -45,18 +45,37 @@ def small_eval_copy(data_dir: Path, out: Path, rows: int) -> Path:
 
 
 def one_run(model: str, zero: str, optimizer: str, args, run_dir: Path) -> dict:
-    command = [sys.executable, "run.py", f"model={model}", f"zero={zero}", f"zero.optimizer={optimizer}",
-               f"train.epochs={args.epochs}", "logger=null", "save_adapter=false", f"dataset.data_dir={args.data}",
-               f"hydra.run.dir={run_dir}", *args.set]
+    command = [
+        sys.executable,
+        "run.py",
+        f"model={model}",
+        f"zero={zero}",
+        f"zero.optimizer={optimizer}",
+        f"train.epochs={args.epochs}",
+        "logger=null",
+        "save_adapter=false",
+        f"dataset.data_dir={args.data}",
+        f"hydra.run.dir={run_dir}",
+        *args.set,
+    ]
     start = time.perf_counter()
     with open(run_dir.with_suffix(".log"), "w") as log:
-        rc = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1")).returncode
+        rc = subprocess.run(
+            command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1")
+        ).returncode
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {"model": model, "zero": zero, "optimizer": optimizer, "rc": rc, "status": metrics["status"],
-            "s_per_step": metrics.get("phases", {}).get("train", {}).get("s_per_step"),
-            "steps": metrics.get("phases", {}).get("train", {}).get("steps"), "loss_curve": metrics.get("loss_curve"),
-            "accuracy": (metrics.get("final") or {}).get("accuracy"), "run_wall_s": round(time.perf_counter() - start, 1)}
+    return {
+        "model": model,
+        "zero": zero,
+        "optimizer": optimizer,
+        "rc": rc,
+        "status": metrics["status"],
+        "s_per_step": metrics.get("phases", {}).get("train", {}).get("s_per_step"),
+        "steps": metrics.get("phases", {}).get("train", {}).get("steps"),
+        "loss_curve": metrics.get("loss_curve"),
+        "accuracy": (metrics.get("final") or {}).get("accuracy"),
+        "run_wall_s": round(time.perf_counter() - start, 1),
+    }
 
 
 def step_only(sizes: list[int]) -> None:
@@ -64,8 +83,10 @@ def step_only(sizes: list[int]) -> None:
     import torch
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    makers = {"ds": lambda ps: DeepSpeedCPUAdam(ps, lr=1e-3, weight_decay=0.0),
-              "torch": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0)}
+    makers = {
+        "ds": lambda ps: DeepSpeedCPUAdam(ps, lr=1e-3, weight_decay=0.0),
+        "torch": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0),
+    }
     for n in sizes:
         torch.manual_seed(0)
         grad = torch.randn(n)
@@ -91,9 +112,16 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--eval-rows", type=int, default=64)
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "twitter_complaints"))
-    p.add_argument("--out", default=str(ROOT / "outputs" / "bench_offload_optimizer" / time.strftime("%Y-%m-%d_%H-%M-%S")))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra Hydra override for every run")
-    p.add_argument("--step-only", metavar="N,N,...", help="time the optimizer step alone on tensors of these sizes")
+    p.add_argument(
+        "--out",
+        default=str(ROOT / "outputs" / "bench_offload_optimizer" / time.strftime("%Y-%m-%d_%H-%M-%S")),
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra Hydra override for every run"
+    )
+    p.add_argument(
+        "--step-only", metavar="N,N,...", help="time the optimizer step alone on tensors of these sizes"
+    )
     args = p.parse_args(argv)
     if args.step_only:
         print("| elements | DeepSpeedCPUAdam ms/step | torch AdamW ms/step | max param diff |")
@@ -114,20 +142,40 @@ def main(argv=None) -> int:
     for model in args.models.split(","):
         for zero in args.configs.split(","):
             mine = [r for r in runs if r["model"] == model and r["zero"] == zero]
-            med = {name: statistics.median([r["s_per_step"] for r in mine if r["name"] == name and r["s_per_step"]] or [float("nan")])
-                   for name in OPTIMIZERS}
-            curves = {name: next((r["loss_curve"] for r in mine if r["name"] == name and r["loss_curve"]), None) for name in OPTIMIZERS}
-            diff = (max(abs(a[1] - b[1]) for a, b in zip(*curves.values())) if all(curves.values()) else None)
-            rows.append({"model": model, "zero": zero, **{f"s_per_step_{k}": v for k, v in med.items()},
-                         "ratio_torch_over_ds": round(med["torch_adamw"] / med["ds_cpu_adam"], 3),
-                         "max_loss_diff": diff, "steps": mine[0]["steps"],
-                         "all_s_per_step": {name: [r["s_per_step"] for r in mine if r["name"] == name] for name in OPTIMIZERS}})
+            med = {
+                name: statistics.median(
+                    [r["s_per_step"] for r in mine if r["name"] == name and r["s_per_step"]] or [float("nan")]
+                )
+                for name in OPTIMIZERS
+            }
+            curves = {
+                name: next((r["loss_curve"] for r in mine if r["name"] == name and r["loss_curve"]), None)
+                for name in OPTIMIZERS
+            }
+            diff = max(abs(a[1] - b[1]) for a, b in zip(*curves.values())) if all(curves.values()) else None
+            rows.append(
+                {
+                    "model": model,
+                    "zero": zero,
+                    **{f"s_per_step_{k}": v for k, v in med.items()},
+                    "ratio_torch_over_ds": round(med["torch_adamw"] / med["ds_cpu_adam"], 3),
+                    "max_loss_diff": diff,
+                    "steps": mine[0]["steps"],
+                    "all_s_per_step": {
+                        name: [r["s_per_step"] for r in mine if r["name"] == name] for name in OPTIMIZERS
+                    },
+                }
+            )
     (out / "offload_optimizer.json").write_text(json.dumps({"runs": runs, "summary": rows}, indent=2) + "\n")
-    print("| model | zero | steps/run | DeepSpeedCPUAdam s/step | torch AdamW s/step | torch / DS | max loss diff |")
+    print(
+        "| model | zero | steps/run | DeepSpeedCPUAdam s/step | torch AdamW s/step | torch / DS | max loss diff |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['model']} | {r['zero']} | {r['steps']} | {r['s_per_step_ds_cpu_adam']:.4f} | {r['s_per_step_torch_adamw']:.4f} "
-              f"| {r['ratio_torch_over_ds']:.2f} | {r['max_loss_diff']:.1e} |")
+        print(
+            f"| {r['model']} | {r['zero']} | {r['steps']} | {r['s_per_step_ds_cpu_adam']:.4f} | {r['s_per_step_torch_adamw']:.4f} "
+            f"| {r['ratio_torch_over_ds']:.2f} | {r['max_loss_diff']:.1e} |"
+        )
     return 0 if all(r["rc"] == 0 for r in runs) else 1
 
 

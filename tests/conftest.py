@@ -19,14 +19,24 @@ SHARED_DATA = ROOT.parent / "shared" / "data" / "twitter_complaints"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-COMPLAINTS = ["@{b} my order never arrived and nobody answers", "@{b} worst service ever, still waiting on a refund",
-              "@{b} your app keeps crashing, fix it", "@{b} charged twice and no reply from support"]
-PRAISE = ["@{b} thanks for the quick delivery!", "loving the new menu at @{b} today",
-          "@{b} do you ship to Canada?", "great match last night, well played @{b}"]
+COMPLAINTS = [
+    "@{b} my order never arrived and nobody answers",
+    "@{b} worst service ever, still waiting on a refund",
+    "@{b} your app keeps crashing, fix it",
+    "@{b} charged twice and no reply from support",
+]
+PRAISE = [
+    "@{b} thanks for the quick delivery!",
+    "loving the new menu at @{b} today",
+    "@{b} do you ship to Canada?",
+    "great match last night, well played @{b}",
+]
 BRANDS = ["acme", "shopco", "fastair", "netflux", "burgerhut", "telco"]
 
 
-def write_raft(folder: Path, n_train: int = 16, n_test: int = 24, n_unlabeled: int = 4, seed: int = 0) -> Path:
+def write_raft(
+    folder: Path, n_train: int = 16, n_test: int = 24, n_unlabeled: int = 4, seed: int = 0
+) -> Path:
     """RAFT-layout train.csv / test.csv with made-up tweets (label 1 complaint, 2 no complaint, 0 unlabeled)."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)

@@ -37,10 +37,22 @@ def broken_data(tmp_path, name: str):
 
 BAD = [
     # (overrides, data variant or None, a fragment the one-line message must contain)
-    (["zero=stage2", "zero.offload_param_device=cpu"], None, "zero.offload_param_device=cpu needs zero.stage=3; use zero=stage3_cpu"),
-    (["zero=none", "zero.offload_optimizer_device=cpu"], None, "zero.offload_optimizer_device=cpu needs DeepSpeed"),
+    (
+        ["zero=stage2", "zero.offload_param_device=cpu"],
+        None,
+        "zero.offload_param_device=cpu needs zero.stage=3; use zero=stage3_cpu",
+    ),
+    (
+        ["zero=none", "zero.offload_optimizer_device=cpu"],
+        None,
+        "zero.offload_optimizer_device=cpu needs DeepSpeed",
+    ),
     (["zero=stage3_nvme"], None, "zero.offload_param_nvme_path is required"),
-    (["zero=stage3_nvme", "zero.offload_param_nvme_path=/nonexistent/nvme"], None, "is not a writable directory"),
+    (
+        ["zero=stage3_nvme", "zero.offload_param_nvme_path=/nonexistent/nvme"],
+        None,
+        "is not a writable directory",
+    ),
     (["peft.r=0"], None, "peft.r=0 must be a whole number >= 1"),
     (["peft.r=-4"], None, "peft.r=-4"),
     (["peft.lora_alpha=0"], None, "peft.lora_alpha=0 must be > 0"),
@@ -49,8 +61,16 @@ BAD = [
     (["peft=adalora", "zero=stage2"], None, "peft=adalora"),
     (["eval.mode=generate"], None, "eval.mode=generate needs a generative model"),
     (["eval.mode=beam"], None, "eval.mode=beam must be score, generate or both"),
-    (["train.head_only_epochs=30"], None, "train.head_only_epochs=30 must be a whole number from 0 to train.epochs-1"),
-    (["model=tiny_bart", "train.head_only_epochs=1"], None, "train.head_only_epochs=1 needs a classification head"),
+    (
+        ["train.head_only_epochs=30"],
+        None,
+        "train.head_only_epochs=30 must be a whole number from 0 to train.epochs-1",
+    ),
+    (
+        ["model=tiny_bart", "train.head_only_epochs=1"],
+        None,
+        "train.head_only_epochs=1 needs a classification head",
+    ),
     (["train.tf32=yes"], None, "train.tf32=yes must be true or false"),
     (["train.gradient_checkpointing=1"], None, "train.gradient_checkpointing=1 must be true or false"),
     (["eval.split=train"], None, "eval.split=train must be test, validation or kfold"),
@@ -62,8 +82,16 @@ BAD = [
     (["eval.mixed_precision=fp16"], None, "eval.mixed_precision=fp16 must be no or bf16"),
     (["model.task=regression"], None, "model.task=regression is not one of"),
     (["model.pretrained=./no/such/model"], None, "no such folder"),
-    (["model=tiny_bart", "model.task=seq_cls", "model.pooling=mean"], None, "model.pooling=mean needs an encoder with a pooler"),
-    (["dataset.data_dir=/no/such/folder"], "skip_data_dir", "dataset.data_dir=/no/such/folder: no such folder"),
+    (
+        ["model=tiny_bart", "model.task=seq_cls", "model.pooling=mean"],
+        None,
+        "model.pooling=mean needs an encoder with a pooler",
+    ),
+    (
+        ["dataset.data_dir=/no/such/folder"],
+        "skip_data_dir",
+        "dataset.data_dir=/no/such/folder: no such folder",
+    ),
     (["dataset.text_column=Text"], "ok", "no column 'Text' (dataset.text_column)"),
     (["dataset.format=xml"], "ok", "dataset.format=xml must be csv, jsonl or parquet"),
     ([], "label_out_of_range", "has label '7', not one of dataset.labels"),
@@ -83,35 +111,62 @@ BAD = [
     (["dataset.text_column=5"], None, "dataset.text_column=5 must be text: quote it"),
     # a key added with + that the target class (or the section) does not have
     (["+peft.rank=16"], None, "peft.rank is not a key of peft=lora; did you mean peft.r?"),
-    (["peft=loha", "+peft.lora_alpha=8"], None, "peft.lora_alpha is not a key of peft=loha; did you mean peft.alpha?"),
+    (
+        ["peft=loha", "+peft.lora_alpha=8"],
+        None,
+        "peft.lora_alpha is not a key of peft=loha; did you mean peft.alpha?",
+    ),
     (["+optimizer.momentum=0.9"], None, "optimizer.momentum is not a key of optimizer (torch.optim.AdamW)"),
-    (["+train.warmup_steps=10"], None, "train.warmup_steps is not a key of train; did you mean train.warmup_ratio?"),
+    (
+        ["+train.warmup_steps=10"],
+        None,
+        "train.warmup_steps is not a key of train; did you mean train.warmup_ratio?",
+    ),
     (["+model.poolng=mean"], None, "model.poolng is not a key of model=minilm; did you mean model.pooling?"),
     # a file where a folder belongs
     ([], "file_as_data_dir", "is a file, not a folder; point it at a folder holding train.csv, test.csv"),
     (["model.pretrained=README.md"], None, "model.pretrained=README.md is a file, not a folder"),
     # a hub model that is not in the cache, the hub being off (conftest: HF_HUB_OFFLINE=1)
-    (["model.pretrained=nobody-peftlab/no-such-model"], None,
-     "model.pretrained=nobody-peftlab/no-such-model is not in the local Hugging Face cache and the hub is off (HF_HUB_OFFLINE=1): "
-     "run `huggingface-cli download nobody-peftlab/no-such-model` on a machine with internet"),
+    (
+        ["model.pretrained=nobody-peftlab/no-such-model"],
+        None,
+        "model.pretrained=nobody-peftlab/no-such-model is not in the local Hugging Face cache and the hub is off (HF_HUB_OFFLINE=1): "
+        "run `huggingface-cli download nobody-peftlab/no-such-model` on a machine with internet",
+    ),
     # AdaLoRA's schedule against the run's optimizer steps (16 rows, batch 8, 2 epochs: 4 steps), before the model loads
-    (["peft=adalora", "peft.tinit=2", "peft.tfinal=2"], "ok",
-     "peft.tinit=2 + peft.tfinal=2 = 4 leave AdaLoRA no steps to re-allocate ranks in: the run has 4 optimizer steps "
-     "(train.epochs=2 x 2 per epoch: 16 training rows, train.batch_size=8, train.grad_accum=1, 1 process(es)); "
-     "make peft.tinit + peft.tfinal < 4, or raise train.epochs"),
-    (["peft=adalora", "peft.tinit=4"], "ok", "peft.tinit=4 + peft.tfinal=null (0) = 4 leave AdaLoRA no steps"),
+    (
+        ["peft=adalora", "peft.tinit=2", "peft.tfinal=2"],
+        "ok",
+        "peft.tinit=2 + peft.tfinal=2 = 4 leave AdaLoRA no steps to re-allocate ranks in: the run has 4 optimizer steps "
+        "(train.epochs=2 x 2 per epoch: 16 training rows, train.batch_size=8, train.grad_accum=1, 1 process(es)); "
+        "make peft.tinit + peft.tfinal < 4, or raise train.epochs",
+    ),
+    (
+        ["peft=adalora", "peft.tinit=4"],
+        "ok",
+        "peft.tinit=4 + peft.tfinal=null (0) = 4 leave AdaLoRA no steps",
+    ),
     (["peft=adalora", "peft.tfinal=-1"], None, "peft.tfinal=-1 must be a whole number >= 0"),
     # a dtype traceback after the model loaded (11 minutes with the default data); refused on the CPU only
-    (["zero=stage3_cpu", "train.mixed_precision=bf16"], None,
-     "train.mixed_precision=bf16 with zero=stage3_cpu (stage 3) fails on the CPU for a classifier with an adapter"),
+    (
+        ["zero=stage3_cpu", "train.mixed_precision=bf16"],
+        None,
+        "train.mixed_precision=bf16 with zero=stage3_cpu (stage 3) fails on the CPU for a classifier with an adapter",
+    ),
 ]
 
 
 @pytest.mark.parametrize("overrides,variant,fragment", BAD, ids=[" ".join(b[0]) or b[1] for b in BAD])
-def test_bad_input_is_reported_before_any_model_loads(tmp_path, tiny_data, no_model_loading, overrides, variant, fragment):
+def test_bad_input_is_reported_before_any_model_loads(
+    tmp_path, tiny_data, no_model_loading, overrides, variant, fragment
+):
     if ("needs a GPU" in fragment or "fails on the CPU" in fragment) and torch.cuda.is_available():
         pytest.skip("a valid setting on a GPU")
-    data_dir = None if variant == "skip_data_dir" else (broken_data(tmp_path, variant) if variant not in (None, "ok") else tiny_data)
+    data_dir = (
+        None
+        if variant == "skip_data_dir"
+        else (broken_data(tmp_path, variant) if variant not in (None, "ok") else tiny_data)
+    )
     if variant == "file_as_data_dir":
         data_dir = tiny_data / "train.csv"
     cfg = make_cfg(tmp_path / "run", *overrides, data_dir=data_dir)
@@ -127,28 +182,37 @@ def test_bad_input_is_reported_before_any_model_loads(tmp_path, tiny_data, no_mo
 def run_cli(*args, cwd=ROOT):
     env = dict(os.environ, HYDRA_FULL_ERROR="0")
     env.pop("HYDRA_FULL_ERROR")
-    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "run.py", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["peft.r=0"], "error: peft.r=0 must be a whole number >= 1"),
-    (["zero=stage9"], "Could not find 'zero/stage9'"),
-    (["train.lrr=1"], "Key 'lrr' is not in struct"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["peft.r=0"], "error: peft.r=0 must be a whole number >= 1"),
+        (["zero=stage9"], "Could not find 'zero/stage9'"),
+        (["train.lrr=1"], "Key 'lrr' is not in struct"),
+    ],
+)
 def test_command_line_exits_nonzero_with_one_line(tmp_path, tiny_data, args, fragment):
     result = run_cli(*args, f"dataset.data_dir={tiny_data}", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode != 0
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr
     if args == ["peft.r=0"]:
-        assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [f"error: {result.stderr.split('error: ')[1].strip()}"]
+        assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+            f"error: {result.stderr.split('error: ')[1].strip()}"
+        ]
         assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
 
 
 def test_unwritable_run_directory_is_one_line(tmp_path, tiny_data, no_model_loading):
     (tmp_path / "a_file").write_text("not a folder")
     cfg = make_cfg(tmp_path / "a_file" / "run", data_dir=tiny_data)
-    with pytest.raises(ConfigError, match="cannot write the run directory .* choose a writable hydra.run.dir"):
+    with pytest.raises(
+        ConfigError, match="cannot write the run directory .* choose a writable hydra.run.dir"
+    ):
         run(cfg)
 
 
@@ -157,7 +221,9 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, tiny_data, no_m
 
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "step_2").mkdir(parents=True)
-    (run_dir / "checkpoints" / "step_2" / "trainer_state.json").write_text('{"step": 2, "epoch": 0, "batch": 2}')
+    (run_dir / "checkpoints" / "step_2" / "trainer_state.json").write_text(
+        '{"step": 2, "epoch": 0, "batch": 2}'
+    )
     OmegaConf.save(make_cfg(run_dir, "peft.r=4", data_dir=tiny_data), run_dir / "config.yaml", resolve=True)
     interrupted = '{"status": "interrupted", "error": "interrupted by SIGTERM"}'
     (run_dir / "metrics.json").write_text(interrupted)
@@ -185,12 +251,30 @@ def test_a_config_error_exits_before_the_heavy_libraries_load(tmp_path, tiny_dat
     env = dict(os.environ)
     env.pop("HYDRA_FULL_ERROR", None)
     run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-X", "importtime", "run.py", "train.warmup_ratio=abc", f"dataset.data_dir={tiny_data}",
-                             f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "run.py",
+            "train.warmup_ratio=abc",
+            f"dataset.data_dir={tiny_data}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
     assert lines == ["error: train.warmup_ratio=abc must be a number"]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "failed" and metrics["error"] == "train.warmup_ratio=abc must be a number"
@@ -210,13 +294,15 @@ def test_the_early_check_keeps_an_earlier_runs_record(tmp_path, monkeypatch):
 
 def test_peft_keys_are_read_without_importing_peft():
     """The PEFT fields come from its source (ast): the same as the dataclasses' init fields, and no import."""
-    code = ("import sys, dataclasses; from peftlab.config import target_fields; "
-            "names = ['LoraConfig', 'AdaLoraConfig', 'IA3Config', 'LoHaConfig', 'LoKrConfig', 'PrefixTuningConfig', "
-            "'PromptTuningConfig', 'PromptEncoderConfig']; "
-            "read = {n: sorted(target_fields('peft.' + n)) for n in names}; assert 'peft' not in sys.modules; "
-            "import peft; "
-            "real = {n: sorted(f.name for f in dataclasses.fields(getattr(peft, n)) if f.init) for n in names}; "
-            "print(read == real, [n for n in names if read[n] != real[n]])")
+    code = (
+        "import sys, dataclasses; from peftlab.config import target_fields; "
+        "names = ['LoraConfig', 'AdaLoraConfig', 'IA3Config', 'LoHaConfig', 'LoKrConfig', 'PrefixTuningConfig', "
+        "'PromptTuningConfig', 'PromptEncoderConfig']; "
+        "read = {n: sorted(target_fields('peft.' + n)) for n in names}; assert 'peft' not in sys.modules; "
+        "import peft; "
+        "real = {n: sorted(f.name for f in dataclasses.fields(getattr(peft, n)) if f.init) for n in names}; "
+        "print(read == real, [n for n in names if read[n] != real[n]])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.stdout.strip() == "True []", out.stderr[-2000:]
 
@@ -252,18 +338,36 @@ def test_predict_on_a_failed_run_is_one_line(tmp_path, tiny_data, capsys, no_mod
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError):
         run(make_cfg(run_dir, "train.warmup_ratio=abc", data_dir=tiny_data))
-    assert _predict(capsys, run_dir, "--device", "cpu") == (2, [
-        f"peftlab predict: {run_dir} holds a run that did not finish (status failed: train.warmup_ratio=abc must be a number); "
-        "predict needs a finished run: run it again, or choose another"])
+    assert _predict(capsys, run_dir, "--device", "cpu") == (
+        2,
+        [
+            f"peftlab predict: {run_dir} holds a run that did not finish (status failed: train.warmup_ratio=abc must be a number); "
+            "predict needs a finished run: run it again, or choose another"
+        ],
+    )
 
 
 def test_predict_on_a_folder_that_is_not_a_run_directory_is_one_line(tmp_path, capsys):
-    assert _predict(capsys, ROOT / "conf") == (2, [
-        f"peftlab predict: {ROOT / 'conf'} is not a run directory (no readable metrics.json); give one that python run.py wrote, "
-        "e.g. outputs/<date>/<time>"])
-    assert _predict(capsys, tmp_path / "nowhere") == (2, [f"peftlab predict: {tmp_path / 'nowhere'}: no such folder; "
-                                                           "give a run directory (outputs/<date>/<time>)"])
+    assert _predict(capsys, ROOT / "conf") == (
+        2,
+        [
+            f"peftlab predict: {ROOT / 'conf'} is not a run directory (no readable metrics.json); give one that python run.py wrote, "
+            "e.g. outputs/<date>/<time>"
+        ],
+    )
+    assert _predict(capsys, tmp_path / "nowhere") == (
+        2,
+        [
+            f"peftlab predict: {tmp_path / 'nowhere'}: no such folder; "
+            "give a run directory (outputs/<date>/<time>)"
+        ],
+    )
     (tmp_path / "metrics.json").write_text('{"status": "finished"}')
     (tmp_path / "config.yaml").write_text("model: {}\ndataset: {}\npeft: {_target_: peft.LoraConfig}\n")
-    assert _predict(capsys, tmp_path) == (2, [f"peftlab predict: {tmp_path} has no adapter/ to reload (was it run with "
-                                              "save_adapter=false?); run it again with save_adapter=true"])
+    assert _predict(capsys, tmp_path) == (
+        2,
+        [
+            f"peftlab predict: {tmp_path} has no adapter/ to reload (was it run with "
+            "save_adapter=false?); run it again with save_adapter=true"
+        ],
+    )

@@ -14,15 +14,39 @@ from peftlab.distributed import deepspeed_config
 
 from .conftest import CONF, make_cfg
 
-GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("model", "peft", "zero", "dataset")}
+GROUPS = {
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    for group in ("model", "peft", "zero", "dataset")
+}
 OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options]
 
 
 def test_groups_hold_the_issue_options():
-    assert {"minilm", "bart_large", "flan_t5_base", "bloomz_560m", "bloomz_7b1", "tiny_bert", "tiny_bart", "tiny_gpt",
-            "bart_large_arch"} <= set(GROUPS["model"])
-    assert {"lora", "ia3", "adalora", "loha", "lokr", "prefix_tuning", "prompt_tuning", "p_tuning", "none"} <= set(GROUPS["peft"])
-    assert {"none", "stage1", "stage2", "stage2_cpu", "stage3", "stage3_cpu", "stage3_nvme"} <= set(GROUPS["zero"])
+    assert {
+        "minilm",
+        "bart_large",
+        "flan_t5_base",
+        "bloomz_560m",
+        "bloomz_7b1",
+        "tiny_bert",
+        "tiny_bart",
+        "tiny_gpt",
+        "bart_large_arch",
+    } <= set(GROUPS["model"])
+    assert {
+        "lora",
+        "ia3",
+        "adalora",
+        "loha",
+        "lokr",
+        "prefix_tuning",
+        "prompt_tuning",
+        "p_tuning",
+        "none",
+    } <= set(GROUPS["peft"])
+    assert {"none", "stage1", "stage2", "stage2_cpu", "stage3", "stage3_cpu", "stage3_nvme"} <= set(
+        GROUPS["zero"]
+    )
 
 
 @pytest.mark.parametrize("group,option", OPTIONS)
@@ -35,7 +59,9 @@ def test_every_option_composes_and_validates(tmp_path, group, option):
     assert resolved[group] or (group, option) == ("peft", "none")
     validate(cfg)
     first_line = (CONF / group / f"{option}.yaml").read_text().splitlines()[0]
-    assert first_line.startswith("# python run.py"), f"{group}/{option}.yaml should open with the command that uses it"
+    assert first_line.startswith("# python run.py"), (
+        f"{group}/{option}.yaml should open with the command that uses it"
+    )
 
 
 def test_model_files_inherit_the_base_and_compose_as_before(tmp_path):
@@ -53,8 +79,12 @@ def test_model_files_inherit_the_base_and_compose_as_before(tmp_path):
             f"conf/model/{model}.yaml: start from the shared keys (defaults: [/model_base@_here_, _self_]) "
             "and keep only what differs"
         )
-        composed = OmegaConf.to_container(make_cfg(tmp_path, f"model={model}").model)  # interpolations as written
-        assert composed == expected.get(model, composed), f"model={model} composes to other values than before"
+        composed = OmegaConf.to_container(
+            make_cfg(tmp_path, f"model={model}").model
+        )  # interpolations as written
+        assert composed == expected.get(model, composed), (
+            f"model={model} composes to other values than before"
+        )
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         assert GlobalHydra.instance().config_loader().get_group_options("model") == GROUPS["model"]
 
@@ -65,7 +95,9 @@ def test_every_experiment_composes_and_validates(tmp_path, experiment):
     OmegaConf.to_container(cfg, resolve=True)
     validate(cfg)
     text = (CONF / "experiment" / f"{experiment}.yaml").read_text().splitlines()
-    assert text[0] == "# @package _global_" and text[1].startswith("# python run.py"), f"experiment/{experiment}.yaml"
+    assert text[0] == "# @package _global_" and text[1].startswith("# python run.py"), (
+        f"experiment/{experiment}.yaml"
+    )
 
 
 @pytest.mark.parametrize("launcher", sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml")))
@@ -80,7 +112,9 @@ def test_every_launcher_preset_composes(tmp_path, launcher):
     if launcher.startswith("ray") and importlib.util.find_spec("ray") is None:
         pytest.skip("the ray extra is not installed")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+        cfg = compose(
+            config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True
+        )
     assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
 
 
@@ -100,7 +134,9 @@ def test_command_line_reaches_the_peft_config(tmp_path):
 
 
 def test_train_settings_are_stated_once_and_reach_deepspeed(tmp_path):
-    cfg = make_cfg(tmp_path, "zero=stage3_cpu", "train.batch_size=4", "train.grad_accum=2", "train.max_grad_norm=0.5")
+    cfg = make_cfg(
+        tmp_path, "zero=stage3_cpu", "train.batch_size=4", "train.grad_accum=2", "train.max_grad_norm=0.5"
+    )
     ds = deepspeed_config(cfg.zero, cfg.train)
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 2

@@ -35,7 +35,9 @@ def test_evaluation_never_sees_a_training_row(tmp_path, tiny_data, split):
         data.check_disjoint(train, held)
     if split == "kfold":
         assert len(plan) == 4
-        assert sorted(r["id"] for _, held in plan for r in held) == sorted(r["id"] for r in data.load_splits(cfg.dataset)["train"])
+        assert sorted(r["id"] for _, held in plan for r in held) == sorted(
+            r["id"] for r in data.load_splits(cfg.dataset)["train"]
+        )
 
 
 def test_check_disjoint_catches_a_leak():

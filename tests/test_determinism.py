@@ -13,8 +13,19 @@ from .conftest import make_cfg
 
 pytestmark = pytest.mark.slow
 
-TIMING = {"started", "ended", "wall_s", "run_dir", "device", "phases", "time_to_first_step_s", "versions",
-          "resumed_from", "resumed_at_step", "processes"}
+TIMING = {
+    "started",
+    "ended",
+    "wall_s",
+    "run_dir",
+    "device",
+    "phases",
+    "time_to_first_step_s",
+    "versions",
+    "resumed_from",
+    "resumed_at_step",
+    "processes",
+}
 EPOCH_TIMING = {"wall_s", "s_per_step", "samples_per_s", "tokens_per_s"}
 
 
@@ -34,6 +45,10 @@ def test_same_config_and_seed_give_identical_results(tmp_path, tiny_data):
     a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("a", "b"))
     assert comparable(a) == comparable(b)
     assert len(a["loss_curve"]) == 12
-    assert (tmp_path / "a" / "predictions.csv").read_bytes() == (tmp_path / "b" / "predictions.csv").read_bytes()
-    assert (tmp_path / "a" / "submission.csv").read_bytes() == (tmp_path / "b" / "submission.csv").read_bytes()
+    assert (tmp_path / "a" / "predictions.csv").read_bytes() == (
+        tmp_path / "b" / "predictions.csv"
+    ).read_bytes()
+    assert (tmp_path / "a" / "submission.csv").read_bytes() == (
+        tmp_path / "b" / "submission.csv"
+    ).read_bytes()
     assert not (tmp_path / "a" / "checkpoints").exists()  # removed once the run finished

@@ -17,8 +17,14 @@ def build(cfg, num_labels: int, total_steps: int = 10):
     """The run's model with its adapter, as peftlab.fit builds it."""
     weights = modeling.base_weights(cfg.model, cfg.seed, num_labels, cfg.paths.cache_dir)
     adapter = modeling.peft_config(cfg.peft, peft_method(cfg), cfg.model.task, total_steps)
-    return modeling.build_model(cfg.model, num_labels, weights, seed=cfg.seed,
-                                pad_token_id=modeling.load_tokenizer(cfg.model).pad_token_id, peft=adapter)
+    return modeling.build_model(
+        cfg.model,
+        num_labels,
+        weights,
+        seed=cfg.seed,
+        pad_token_id=modeling.load_tokenizer(cfg.model).pad_token_id,
+        peft=adapter,
+    )
 
 
 def _setup(tmp_path, tiny_data, *overrides):
@@ -42,7 +48,9 @@ def test_seq2seq_scores_equal_a_whole_forward_per_row_and_label(tmp_path, tiny_d
     targets = data.class_targets(tok, "seq2seq", names)
     reset_state()
     loader = data.loader(feats, data.Collator("seq2seq", "score", tok.pad_token_id, targets), 4, False, 0)
-    got = torch.tensor(engine.predict(Accelerator(cpu=True), model, loader, "seq2seq", "score", len(names))["scores"])
+    got = torch.tensor(
+        engine.predict(Accelerator(cpu=True), model, loader, "seq2seq", "score", len(names))["scores"]
+    )
     reset_state()
     want = []
     with torch.no_grad():
@@ -67,7 +75,12 @@ def test_causal_training_loss_on_label_positions_equals_the_models_own_loss(tmp_
         width = max(map(len, seqs))
         ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        labels = torch.tensor([[-100] * len(f["input_ids"]) + f["target"] + [-100] * (width - len(s)) for f, s in zip(feats, seqs)])
+        labels = torch.tensor(
+            [
+                [-100] * len(f["input_ids"]) + f["target"] + [-100] * (width - len(s))
+                for f, s in zip(feats, seqs)
+            ]
+        )
         want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
     assert got.item() == pytest.approx(want.item(), rel=1e-4)
 
@@ -113,8 +126,12 @@ def test_held_out_batches_go_longest_first_and_predictions_come_back_in_row_orde
     widths = [b["input_ids"].shape[1] for b in data.loader(feats, collator, 3, False, 0)]
     assert widths == sorted(widths, reverse=True) and widths[0] == max(len(f["input_ids"]) for f in feats)
     reset_state()
-    batched = engine.predict(Accelerator(cpu=True), model, data.loader(feats, collator, 3, False, 0), "seq_cls", "score", 2)
-    one_by_one = engine.predict(Accelerator(cpu=True), model, data.loader(feats, collator, 1, False, 0), "seq_cls", "score", 2)
+    batched = engine.predict(
+        Accelerator(cpu=True), model, data.loader(feats, collator, 3, False, 0), "seq_cls", "score", 2
+    )
+    one_by_one = engine.predict(
+        Accelerator(cpu=True), model, data.loader(feats, collator, 1, False, 0), "seq_cls", "score", 2
+    )
     reset_state()
     assert batched["row"] == list(range(len(feats))) and batched["pred"] == one_by_one["pred"]
     assert torch.allclose(torch.tensor(batched["scores"]), torch.tensor(one_by_one["scores"]), atol=1e-5)
@@ -126,8 +143,18 @@ def test_bf16_scoring_rounds_the_forward_pass_and_keeps_the_ranking(tmp_path, ti
     feats = data.encode(rows, tok, "seq2seq", cfg.dataset.prompt, names, 128)
     collator = data.Collator("seq2seq", "score", tok.pad_token_id, data.class_targets(tok, "seq2seq", names))
     reset_state()
-    fp32, bf16 = (engine.predict(Accelerator(cpu=True), model, data.loader(feats, collator, 4, False, 0), "seq2seq", "score",
-                                 len(names), bf16=half) for half in (False, True))
+    fp32, bf16 = (
+        engine.predict(
+            Accelerator(cpu=True),
+            model,
+            data.loader(feats, collator, 4, False, 0),
+            "seq2seq",
+            "score",
+            len(names),
+            bf16=half,
+        )
+        for half in (False, True)
+    )
     reset_state()
     a, b = torch.tensor(fp32["scores"]), torch.tensor(bf16["scores"])
     assert not torch.equal(a, b)  # bf16 did run
@@ -155,8 +182,17 @@ def test_bf16_scoring_reaches_the_model_inside_a_zero3_engine(tmp_path, tiny_dat
         model, optimizer = accelerator.prepare(model, optimizer)
         assert type(model).__name__ == "DeepSpeedEngine"
         scores = [
-            torch.tensor(engine.predict(accelerator, model, accelerator.prepare(data.loader(feats, collator, 4, False, 0)),
-                                        "seq_cls", "score", len(names), bf16=half)["scores"])
+            torch.tensor(
+                engine.predict(
+                    accelerator,
+                    model,
+                    accelerator.prepare(data.loader(feats, collator, 4, False, 0)),
+                    "seq_cls",
+                    "score",
+                    len(names),
+                    bf16=half,
+                )["scores"]
+            )
             for half in (False, True)
         ]
     finally:

@@ -19,7 +19,14 @@ MCC = ROOT / "tests" / "metric_modules" / "matthews_correlation"  # a local eval
 
 @pytest.mark.slow
 def test_a_metric_beyond_the_defaults_is_recorded_in_metrics_json(tmp_path, tiny_data):
-    cfg = make_cfg(tmp_path / "run", "model=tiny_bert", f"eval.metrics=[{MCC}]", "logger=null", data_dir=tiny_data, epochs=1)
+    cfg = make_cfg(
+        tmp_path / "run",
+        "model=tiny_bert",
+        f"eval.metrics=[{MCC}]",
+        "logger=null",
+        data_dir=tiny_data,
+        epochs=1,
+    )
     metrics = run(cfg)
     assert metrics["status"] == "finished"
     final = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]
@@ -27,13 +34,18 @@ def test_a_metric_beyond_the_defaults_is_recorded_in_metrics_json(tmp_path, tiny
     with open(tmp_path / "run" / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     gold, pred = [names.index(r["label"]) for r in rows], [names.index(r["prediction"]) for r in rows]
-    assert final["matthews_correlation"] == round(matthews_corrcoef(gold, pred), 6)  # the run's own predictions
+    assert final["matthews_correlation"] == round(
+        matthews_corrcoef(gold, pred), 6
+    )  # the run's own predictions
     assert final["n_eval"] == len(rows) == 24 and {"accuracy", "macro_f1", "confusion_matrix"} <= set(final)
 
 
 def test_a_hub_metric_offline_fails_before_training(tmp_path, tiny_data, no_model_loading):
     cfg = make_cfg(tmp_path / "run", "eval.metrics=[peftlab_no_such_metric]", data_dir=tiny_data)
-    with pytest.raises(ConfigError, match=r"^eval.metrics: peftlab_no_such_metric is an evaluate hub metric, not in the local cache"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^eval.metrics: peftlab_no_such_metric is an evaluate hub metric, not in the local cache",
+    ):
         run(cfg)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
 
@@ -42,10 +54,16 @@ def test_a_metric_that_cannot_score_the_task_fails_before_training(tmp_path, tin
     """Needs the early metrics.load_metrics call in experiment._run (before any model loads)."""
     folder = tmp_path / "binary_f1"
     folder.mkdir()
-    (folder / "binary_f1.py").write_text((MCC / "matthews_correlation.py").read_text()
-                                         .replace("matthews_corrcoef", "f1_score").replace("MatthewsCorrelation", "BinaryF1")
-                                         .replace(", sample_weight=sample_weight", "")
-                                         .replace("f1_score(references, predictions)", "f1_score(references, predictions, pos_label=5)"))
+    (folder / "binary_f1.py").write_text(
+        (MCC / "matthews_correlation.py")
+        .read_text()
+        .replace("matthews_corrcoef", "f1_score")
+        .replace("MatthewsCorrelation", "BinaryF1")
+        .replace(", sample_weight=sample_weight", "")
+        .replace("f1_score(references, predictions)", "f1_score(references, predictions, pos_label=5)")
+    )
     cfg = make_cfg(tmp_path / "run", f"eval.metrics=[{folder}]", data_dir=tiny_data)
-    with pytest.raises(ConfigError, match=r"eval.metrics: one of accuracy, macro_f1, .*binary_f1 cannot score 2 labels"):
+    with pytest.raises(
+        ConfigError, match=r"eval.metrics: one of accuracy, macro_f1, .*binary_f1 cannot score 2 labels"
+    ):
         run(cfg)

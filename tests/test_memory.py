@@ -45,7 +45,9 @@ def spied(monkeypatch):
     def spy_prepare(self, *args, **kwargs):
         out = prepare(self, *args, **kwargs)
         if len(args) == 4:  # model, optimizer, train loader, scheduler
-            refs.update(engine=weakref.ref(out[0]), optimizer=weakref.ref(out[1]), accelerator=weakref.ref(self))
+            refs.update(
+                engine=weakref.ref(out[0]), optimizer=weakref.ref(out[1]), accelerator=weakref.ref(self)
+            )
         return out
 
     monkeypatch.setattr(modeling, "build_model", build_model)
@@ -67,7 +69,11 @@ def check_gpu_figures(metrics: dict) -> None:
 
 @pytest.mark.parametrize("zero", ZEROS)
 def test_a_finished_job_leaves_nothing_of_its_model_behind(tmp_path, tiny_data, spied, zero):
-    metrics = run(make_cfg(tmp_path / "run", "model=tiny_bert", f"zero={zero}", "logger=null", data_dir=tiny_data, epochs=1))
+    metrics = run(
+        make_cfg(
+            tmp_path / "run", "model=tiny_bert", f"zero={zero}", "logger=null", data_dir=tiny_data, epochs=1
+        )
+    )
     assert metrics["status"] == "finished"
     assert set(spied) == {"model", "engine", "optimizer", "accelerator"}
     # Freed before run() returned, no collection needed: the next job's gc.freeze() (peftlab.cli) would
@@ -78,10 +84,14 @@ def test_a_finished_job_leaves_nothing_of_its_model_behind(tmp_path, tiny_data, 
     check_gpu_figures(json.loads((tmp_path / "run" / "metrics.json").read_text()))
 
 
-@pytest.mark.parametrize("zero,forward", [*((z, 2) for z in ZEROS), ("none", 4), ("stage3", 4)],
-                         ids=[*(f"{z}-training" for z in ZEROS), "none-evaluation", "stage3-evaluation"])
-def test_a_job_that_fails_mid_forward_leaves_nothing_of_its_model_behind(tmp_path, tiny_data, spied, monkeypatch, zero,
-                                                                        forward):
+@pytest.mark.parametrize(
+    "zero,forward",
+    [*((z, 2) for z in ZEROS), ("none", 4), ("stage3", 4)],
+    ids=[*(f"{z}-training" for z in ZEROS), "none-evaluation", "stage3-evaluation"],
+)
+def test_a_job_that_fails_mid_forward_leaves_nothing_of_its_model_behind(
+    tmp_path, tiny_data, spied, monkeypatch, zero, forward
+):
     """Its traceback, still held (as Hydra's JobReturn, a log record or a notebook's sys.last_exc would hold
     it), must not keep the model; under ZeRO-3 the forward that raised leaves modules on DeepSpeed's stack.
     Forward 2 is the second training batch's, 4 the evaluation's second (the unlabeled rows)."""
@@ -102,7 +112,16 @@ def test_a_job_that_fails_mid_forward_leaves_nothing_of_its_model_behind(tmp_pat
 
     monkeypatch.setattr(modeling, "build_model", build_failing)
     with pytest.raises(RuntimeError, match="injected failure") as failure:
-        run(make_cfg(tmp_path / "run", "model=tiny_bert", f"zero={zero}", "logger=null", data_dir=tiny_data, epochs=1))
+        run(
+            make_cfg(
+                tmp_path / "run",
+                "model=tiny_bert",
+                f"zero={zero}",
+                "logger=null",
+                data_dir=tiny_data,
+                epochs=1,
+            )
+        )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "injected failure" in metrics["error"]
     assert set(spied) == {"model", "engine", "optimizer", "accelerator"}
@@ -120,7 +139,16 @@ def test_a_job_that_diverges_leaves_nothing_of_its_model_behind(tmp_path, tiny_d
 
     monkeypatch.setattr(engine, "_epoch_figures", diverge)
     with pytest.raises(engine.Diverged) as failure:
-        run(make_cfg(tmp_path / "run", "model=tiny_bert", "zero=stage3", "logger=null", data_dir=tiny_data, epochs=1))
+        run(
+            make_cfg(
+                tmp_path / "run",
+                "model=tiny_bert",
+                "zero=stage3",
+                "logger=null",
+                data_dir=tiny_data,
+                epochs=1,
+            )
+        )
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "diverged"
     gc.collect()
     assert failure.value is not None and alive(spied) == []
@@ -171,13 +199,30 @@ def test_an_in_process_sweep_frees_each_job_before_the_next(tmp_path, tiny_data)
     driver = tmp_path / "driver.py"
     driver.write_text(f"OUT, RUN = {str(out)!r}, {str(ROOT / 'run.py')!r}\n" + SWEEP_DRIVER)
     result = subprocess.run(
-        [sys.executable, str(driver), "-m", "model=tiny_bert", "zero=stage3", "peft.r=4,8", "train.epochs=1",
-         "logger=null", f"dataset.data_dir={tiny_data}", f"hydra.sweep.dir={sweep}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            str(driver),
+            "-m",
+            "model=tiny_bert",
+            "zero=stage3",
+            "peft.r=4,8",
+            "train.epochs=1",
+            "logger=null",
+            f"dataset.data_dir={tiny_data}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     first, second, end = json.loads(out.read_text())
     assert first == {"without_collection": [], "after_collection": []}
-    assert second == {"without_collection": [False] * 4, "after_collection": [False] * 4}  # job 0's model, engine, ...
+    assert second == {
+        "without_collection": [False] * 4,
+        "after_collection": [False] * 4,
+    }  # job 0's model, engine, ...
     assert end == {"after_collection": [False] * 8}
     jobs = [json.loads((sweep / str(i) / "metrics.json").read_text()) for i in range(2)]
     assert [j["status"] for j in jobs] == ["finished", "finished"]

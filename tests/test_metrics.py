@@ -67,7 +67,12 @@ def test_a_local_module_is_recorded_under_its_name_beside_the_defaults(path, fre
 
 def test_the_defaults_load_on_a_fresh_machine_with_the_hub_off(tmp_path):
     """A new process, HF_HOME and the module cache empty folders: the shipped modules still load."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_MODULES_CACHE=str(tmp_path / "hf" / "modules"))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_MODULES_CACHE=str(tmp_path / "hf" / "modules"),
+    )
     code = "import json; from peftlab.metrics import classification_figures as f; print(json.dumps(f([0, 1, 1], [0, 1, 0], ['a', 'b'])))"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -80,28 +85,51 @@ def test_a_hub_metric_offline_and_not_cached_is_one_line_in_config_validation(tm
     with pytest.raises(ConfigError) as caught:
         validate(cfg)
     message = str(caught.value)
-    assert message.startswith("eval.metrics: matthews_correlation is an evaluate hub metric, not in the local cache")
-    assert "the hub is off (HF_HUB_OFFLINE=1)" in message and "local module path" in message and "\n" not in message
+    assert message.startswith(
+        "eval.metrics: matthews_correlation is an evaluate hub metric, not in the local cache"
+    )
+    assert (
+        "the hub is off (HF_HUB_OFFLINE=1)" in message
+        and "local module path" in message
+        and "\n" not in message
+    )
 
 
 def test_a_hub_metric_in_evaluates_cache_passes_offline(tmp_path, fresh_cache):
-    cached = tmp_path / "modules" / "evaluate_modules" / "metrics" / "evaluate-metric--matthews_correlation" / ("0" * 64)
+    cached = (
+        tmp_path
+        / "modules"
+        / "evaluate_modules"
+        / "metrics"
+        / "evaluate-metric--matthews_correlation"
+        / ("0" * 64)
+    )
     cached.mkdir(parents=True)
     (cached / "matthews_correlation.py").write_text((MCC / "matthews_correlation.py").read_text())
     metrics.check_names(["matthews_correlation"])
 
 
-@pytest.mark.parametrize("name,fragment", [
-    ("./no/such_metric.py", "eval.metrics: ./no/such_metric.py is not an evaluate module script"),
-    ("/no/such/folder", "eval.metrics: /no/such/folder is not an evaluate module script (a .py file, or a folder holding folder.py)"),
-])
+@pytest.mark.parametrize(
+    "name,fragment",
+    [
+        ("./no/such_metric.py", "eval.metrics: ./no/such_metric.py is not an evaluate module script"),
+        (
+            "/no/such/folder",
+            "eval.metrics: /no/such/folder is not an evaluate module script (a .py file, or a folder holding folder.py)",
+        ),
+    ],
+)
 def test_a_path_with_no_module_is_one_line(name, fragment):
-    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(
+        ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
+    ):
         metrics.check_names([name])
 
 
 def test_eval_metrics_must_be_a_list_of_names(tmp_path):
-    with pytest.raises(ConfigError, match=r"eval.metrics=matthews_correlation must be a list of metric names"):
+    with pytest.raises(
+        ConfigError, match=r"eval.metrics=matthews_correlation must be a list of metric names"
+    ):
         validate(make_cfg(tmp_path, "eval.metrics=matthews_correlation"))
 
 
@@ -109,8 +137,14 @@ def test_a_metric_that_cannot_score_the_task_fails_when_loaded_not_after_trainin
     """f1's binary default on three labels: found by trying the metrics on one row per label."""
     folder = tmp_path / "binary_f1"
     folder.mkdir()
-    (folder / "binary_f1.py").write_text((MCC / "matthews_correlation.py").read_text()
-                                         .replace("matthews_corrcoef", "f1_score").replace("MatthewsCorrelation", "BinaryF1")
-                                         .replace(", sample_weight=sample_weight", ""))
-    with pytest.raises(ConfigError, match=r"eval.metrics: one of accuracy, macro_f1, .*binary_f1 cannot score 3 labels"):
+    (folder / "binary_f1.py").write_text(
+        (MCC / "matthews_correlation.py")
+        .read_text()
+        .replace("matthews_corrcoef", "f1_score")
+        .replace("MatthewsCorrelation", "BinaryF1")
+        .replace(", sample_weight=sample_weight", "")
+    )
+    with pytest.raises(
+        ConfigError, match=r"eval.metrics: one of accuracy, macro_f1, .*binary_f1 cannot score 3 labels"
+    ):
         metrics.load_metrics((str(folder),), 3)

@@ -33,8 +33,15 @@ def write_rows(frame: pd.DataFrame, path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,peft,fmt", [("tiny_bert", "lora", "jsonl"), ("tiny_bart", "lora", "csv"),
-                                            ("tiny_gpt", "prompt_tuning", "parquet"), ("tiny_bert", "none", "jsonl")])
+@pytest.mark.parametrize(
+    "model,peft,fmt",
+    [
+        ("tiny_bert", "lora", "jsonl"),
+        ("tiny_bart", "lora", "csv"),
+        ("tiny_gpt", "prompt_tuning", "parquet"),
+        ("tiny_bert", "none", "jsonl"),
+    ],
+)
 def test_predict_classifies_the_rows_of_a_new_file(tmp_path, tiny_data, capsys, model, peft, fmt):
     """The run's test rows, without their labels, as a new file: each gets the run's own prediction, and label
     probabilities that are its log-likelihoods in predictions.csv normalized over the labels."""
@@ -66,12 +73,19 @@ def test_predict_writes_to_standard_output_without_out(tmp_path, tiny_data, caps
     run_dir = tmp_path / "run"
     run(make_cfg(run_dir, "model=tiny_bert", data_dir=tiny_data, epochs=1))
     new = tmp_path / "new.jsonl"
-    new.write_text(json.dumps({"Tweet text": "@acme my parcel never came"}) + "\n" + json.dumps({"Tweet text": "thanks!"}) + "\n")
+    new.write_text(
+        json.dumps({"Tweet text": "@acme my parcel never came"})
+        + "\n"
+        + json.dumps({"Tweet text": "thanks!"})
+        + "\n"
+    )
     assert predict.main([str(run_dir), "--input", str(new)]) == 0
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
     assert lines[0] == "id,text,prediction,p_complaint,p_no complaint" and len(lines) == 3
-    assert lines[1].startswith("1,@acme my parcel never came,") and lines[2].startswith("2,thanks!,")  # no id column: row numbers
+    assert lines[1].startswith("1,@acme my parcel never came,") and lines[2].startswith(
+        "2,thanks!,"
+    )  # no id column: row numbers
     assert err.strip().splitlines()[-1].startswith(f"2 rows of {new} classified (")
 
 
@@ -81,22 +95,40 @@ def finished_run(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "adapter").mkdir(parents=True)
     (run_dir / "metrics.json").write_text(json.dumps({"status": "finished"}))
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({
-        "model": {"name": "tiny_bert", "task": "seq_cls"}, "peft": {"_target_": "peft.LoraConfig"},
-        "dataset": {"text_column": "Tweet text", "id_column": "ID"}, "eval": {"batch_size": 8}}))
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "tiny_bert", "task": "seq_cls"},
+                "peft": {"_target_": "peft.LoraConfig"},
+                "dataset": {"text_column": "Tweet text", "id_column": "ID"},
+                "eval": {"batch_size": 8},
+            }
+        )
+    )
     return run_dir
 
 
-@pytest.mark.parametrize("name,content,expected", [
-    ("rows.jsonl", '{"text": "hi", "ID": 1}\n', "--input {path}: no column 'Tweet text' (the run's dataset.text_column); its "
-                                                "columns are: text, ID; rename the text column, or give --text-column NAME"),
-    ("rows.csv", b"Tweet text\n\xff\xfe broken\n", "not valid UTF-8"),
-    ("rows.jsonl", "{not json\n", "cannot be read as jsonl"),
-    ("rows.parquet", "not parquet", "cannot be read as parquet"),
-    ("rows.txt", "a text\n", "--input {path}: cannot tell its format from '.txt'; give a .csv, .jsonl or .parquet file"),
-    ("missing.csv", None, "--input {path}: no such file"),
-    ("folder.csv", "dir", "--input {path}: a folder, not a file"),
-])
+@pytest.mark.parametrize(
+    "name,content,expected",
+    [
+        (
+            "rows.jsonl",
+            '{"text": "hi", "ID": 1}\n',
+            "--input {path}: no column 'Tweet text' (the run's dataset.text_column); its "
+            "columns are: text, ID; rename the text column, or give --text-column NAME",
+        ),
+        ("rows.csv", b"Tweet text\n\xff\xfe broken\n", "not valid UTF-8"),
+        ("rows.jsonl", "{not json\n", "cannot be read as jsonl"),
+        ("rows.parquet", "not parquet", "cannot be read as parquet"),
+        (
+            "rows.txt",
+            "a text\n",
+            "--input {path}: cannot tell its format from '.txt'; give a .csv, .jsonl or .parquet file",
+        ),
+        ("missing.csv", None, "--input {path}: no such file"),
+        ("folder.csv", "dir", "--input {path}: a folder, not a file"),
+    ],
+)
 def test_a_bad_input_file_is_one_line_and_exit_2(finished_run, tmp_path, capsys, name, content, expected):
     path = tmp_path / name
     if content == "dir":

@@ -18,7 +18,9 @@ CPU_ADAM = "deepspeed.ops.adam.DeepSpeedCPUAdam"
 def test_offload_configs_use_torch_adamw_and_deepspeed_keeps_it(tmp_path, zero):
     cfg = make_cfg(tmp_path, f"zero={zero}")
     assert cfg.optimizer._target_ == "torch.optim.AdamW"
-    assert deepspeed_config(cfg.zero, cfg.train)["zero_force_ds_cpu_optimizer"] is False  # else Accelerate swaps in CPU Adam
+    assert (
+        deepspeed_config(cfg.zero, cfg.train)["zero_force_ds_cpu_optimizer"] is False
+    )  # else Accelerate swaps in CPU Adam
     assert make_cfg(tmp_path, f"zero={zero}", f"zero.optimizer={CPU_ADAM}").optimizer._target_ == CPU_ADAM
     assert make_cfg(tmp_path, "zero=stage3_cpu_guide").optimizer._target_ == CPU_ADAM  # what the guide ran
 
@@ -39,7 +41,11 @@ def test_the_engine_steps_with_torch_adamw_under_offload(tmp_path, tiny_data, mo
         seen.append(type(self.basic_optimizer))
 
     monkeypatch.setattr(ds_engine.DeepSpeedEngine, "_configure_optimizer", spy)
-    metrics = run(make_cfg(tmp_path / "run", "model=tiny_bert", f"zero={zero}", "logger=null", data_dir=tiny_data, epochs=1))
+    metrics = run(
+        make_cfg(
+            tmp_path / "run", "model=tiny_bert", f"zero={zero}", "logger=null", data_dir=tiny_data, epochs=1
+        )
+    )
     assert metrics["status"] == "finished", metrics["error"]
     assert seen == [torch.optim.AdamW]
 
@@ -62,11 +68,15 @@ def test_cpu_adam_build_is_announced_once_not_when_cached(tmp_path, monkeypatch,
     assert len(notes()) == 1 and f"cached in {folder} " in notes()[0]
     (folder / f"{builder.name}.so").write_bytes(b"")
     source = builder.deepspeed_src_path(builder.sources()[0])
-    (folder / "build.ninja").write_text(f"build cpu_adam.o: compile /another/venv/site-packages/deepspeed/ops/{builder.sources()[0]}\n")
+    (folder / "build.ninja").write_text(
+        f"build cpu_adam.o: compile /another/venv/site-packages/deepspeed/ops/{builder.sources()[0]}\n"
+    )
     assert len(notes()) == 1  # another installation's build: torch builds again
     (folder / "build.ninja").write_text(f"build cpu_adam.o: compile {source}\n")
     assert notes() == []  # cached
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     with caplog.at_level(logging.INFO, logger="peftlab"):
-        note_cpu_adam_build(make_cfg(tmp_path, "zero=stage3_cpu").optimizer._target_)  # torch AdamW: nothing to build
+        note_cpu_adam_build(
+            make_cfg(tmp_path, "zero=stage3_cpu").optimizer._target_
+        )  # torch AdamW: nothing to build
     assert not [r for r in caplog.records if "CPU Adam" in r.getMessage()]

@@ -20,15 +20,27 @@ from .test_determinism import comparable
 pytestmark = pytest.mark.slow
 
 # 16 training rows in batches of 2: 8 optimizer steps per epoch; a checkpoint every 3 steps lands mid-epoch
-ARGS = ["model=tiny_bert", "peft.lora_dropout=0.1", "train.batch_size=2", "train.epochs=4", "checkpoint.every_steps=3",
-        "checkpoint.keep_last=2", "logger=null"]
+ARGS = [
+    "model=tiny_bert",
+    "peft.lora_dropout=0.1",
+    "train.batch_size=2",
+    "train.epochs=4",
+    "checkpoint.every_steps=3",
+    "checkpoint.keep_last=2",
+    "logger=null",
+]
 
 
 def start(run_dir, data, *extra) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     log = open(run_dir.parent / f"{run_dir.name}.log", "ab")
-    return subprocess.Popen([sys.executable, "run.py", *ARGS, f"dataset.data_dir={data}", f"hydra.run.dir={run_dir}", *extra],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "run.py", *ARGS, f"dataset.data_dir={data}", f"hydra.run.dir={run_dir}", *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def finish(run_dir, data, *extra) -> subprocess.CompletedProcess:
@@ -73,7 +85,11 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, tiny_d
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert metrics(run_dir)["status"] == "running"  # killed mid-training: nothing could record it
-    state = json.loads(max((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:])).joinpath("trainer_state.json").read_text())
+    state = json.loads(
+        max((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
+        .joinpath("trainer_state.json")
+        .read_text()
+    )
     assert state["batch"] > 0  # mid-epoch: the resumed run must skip the batches already seen
     finish(run_dir, tiny_data, "resume=auto")
     assert metrics(run_dir)["resumed_at_step"] == state["step"]
@@ -109,10 +125,20 @@ def test_a_sweep_killed_midway_reruns_only_its_unfinished_jobs(tmp_path, tiny_da
     """Kill a two-job sweep while its second job trains; the same command again skips the first job
     (its records untouched) and resumes the second from its checkpoint."""
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "run.py", "-m", *ARGS, "peft.r=4,8", f"dataset.data_dir={tiny_data}", f"hydra.sweep.dir={sweep}"]
+    command = [
+        sys.executable,
+        "run.py",
+        "-m",
+        *ARGS,
+        "peft.r=4,8",
+        f"dataset.data_dir={tiny_data}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     log = open(tmp_path / "sweep.log", "ab")
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     wait_for_checkpoint(sweep / "1", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -131,13 +157,22 @@ def test_a_two_process_checkpoint_resumes_with_two_processes_only(tmp_path, tiny
     line naming launcher.num_processes and both sizes, and nothing in the run directory rewritten
     (its batches are counted per process and ZeRO partitions are per rank: once a loss curve matching
     neither run under zero=none, a DeepSpeed traceback under stage2). With 2 processes it resumes."""
-    args = [a for a in ARGS if not a.startswith("train.epochs=")] + ["train.epochs=12", f"zero={zero}",
-                                                                      f"dataset.data_dir={tiny_data}", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [a for a in ARGS if not a.startswith("train.epochs=")] + [
+        "train.epochs=12",
+        f"zero={zero}",
+        f"dataset.data_dir={tiny_data}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     run_dir = tmp_path / "run"
     with open(tmp_path / "two.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "run.py", "launcher.num_processes=2", *args], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "run.py", "launcher.num_processes=2", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_for_checkpoint(run_dir, proc)
     finally:  # the parent, accelerate launch and the ranks (torchelastic starts each in a session of its own)
@@ -145,20 +180,34 @@ def test_a_two_process_checkpoint_resumes_with_two_processes_only(tmp_path, tiny
             p.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     assert metrics(run_dir)["status"] == "running"
-    kept = lambda: {p: p.read_bytes() for p in [run_dir / "metrics.json", run_dir / "config.yaml",
-                                                 *(run_dir / "checkpoints").rglob("*")] if p.is_file()}
+    kept = lambda: {
+        p: p.read_bytes()
+        for p in [run_dir / "metrics.json", run_dir / "config.yaml", *(run_dir / "checkpoints").rglob("*")]
+        if p.is_file()
+    }
     before = kept()
     newest = max((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
     state = json.loads((newest / "trainer_state.json").read_text())
     assert state["world_size"] == 2
-    one = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, "run.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert one.returncode == 2, one.stderr[-3000:]
     errors = [line for line in one.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "written by 2 processes and this run has 1 (launcher.num_processes=1)" in errors[0], one.stderr[-3000:]
+    assert (
+        len(errors) == 1
+        and "written by 2 processes and this run has 1 (launcher.num_processes=1)" in errors[0]
+    ), one.stderr[-3000:]
     assert "resume with launcher.num_processes=2, or resume=never" in errors[0]
     assert kept() == before
-    two = subprocess.run([sys.executable, "run.py", "launcher.num_processes=2", *args], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    two = subprocess.run(
+        [sys.executable, "run.py", "launcher.num_processes=2", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert metrics(run_dir)["status"] == "finished" and metrics(run_dir)["resumed_at_step"] == state["step"]
     assert len(metrics(run_dir)["loss_curve"]) == 48

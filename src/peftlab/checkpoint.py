@@ -34,7 +34,6 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-
 def latest(run_dir: Path) -> tuple[Path, dict] | None:
     """(folder, trainer state) of the newest complete checkpoint, or None."""
     found = []
@@ -64,7 +63,9 @@ def config_differences(cfg: DictConfig, run_dir: Path) -> list[str]:
     return rundir.config_differences(cfg, saved)
 
 
-def plan_resume(cfg: DictConfig, run_dir: Path, world_size: int | None = None) -> tuple[str, tuple[Path, dict] | None]:
+def plan_resume(
+    cfg: DictConfig, run_dir: Path, world_size: int | None = None
+) -> tuple[str, tuple[Path, dict] | None]:
     """What to do with this run directory: ('skip', None) for a finished run under resume=auto,
     ('resume', (folder, state)) when it has a checkpoint, else ('fresh', None). Raises ConfigError
     when a checkpoint belongs to a different config, or to another number of processes than
@@ -81,15 +82,19 @@ def plan_resume(cfg: DictConfig, run_dir: Path, world_size: int | None = None) -
         return "fresh", None
     differs = config_differences(cfg, run_dir)
     if differs and previous is not None and previous.get("status") == "finished":
-        raise ConfigError(f"{run_dir} holds a finished run with other settings ({', '.join(differs[:5])}); "
-                          "use another hydra.run.dir, or resume=never to start this directory over")
+        raise ConfigError(
+            f"{run_dir} holds a finished run with other settings ({', '.join(differs[:5])}); "
+            "use another hydra.run.dir, or resume=never to start this directory over"
+        )
     if previous is not None and previous.get("status") == "finished":
         return "skip", None
     if found is None:
         return "fresh", None
     if differs:
-        raise ConfigError(f"{run_dir} holds a checkpoint of a run with other settings ({', '.join(differs[:5])}); "
-                          "use another hydra.run.dir, or resume=never to start this directory over")
+        raise ConfigError(
+            f"{run_dir} holds a checkpoint of a run with other settings ({', '.join(differs[:5])}); "
+            "use another hydra.run.dir, or resume=never to start this directory over"
+        )
     check_world_size(found, run_dir, world_size)
     return "resume", found
 
@@ -100,18 +105,26 @@ def check_world_size(found: tuple[Path, dict], run_dir: Path, world_size: int | 
     saved = found[1].get("world_size")  # None: written before it was recorded
     now = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     if saved is not None and saved != now:
-        raise ConfigError(f"{found[0]} was written by {saved} processes and this run has {now} "
-                          f"(launcher.num_processes={now}): resume with launcher.num_processes={saved}, "
-                          "or resume=never to start this directory over")
+        raise ConfigError(
+            f"{found[0]} was written by {saved} processes and this run has {now} "
+            f"(launcher.num_processes={now}): resume with launcher.num_processes={saved}, "
+            "or resume=never to start this directory over"
+        )
 
 
 class Checkpointer:
     """Saves and restores the training state at the configured interval (every rank calls it)."""
 
-    def __init__(self, accelerator, run_dir: Path, every_steps: int = 0, every_epochs: int = 0, keep_last: int = 1):
+    def __init__(
+        self, accelerator, run_dir: Path, every_steps: int = 0, every_epochs: int = 0, keep_last: int = 1
+    ):
         self.accelerator = accelerator
         self.dir = checkpoints_dir(run_dir)
-        self.every_steps, self.every_epochs, self.keep_last = every_steps or 0, every_epochs or 0, max(1, keep_last or 1)
+        self.every_steps, self.every_epochs, self.keep_last = (
+            every_steps or 0,
+            every_epochs or 0,
+            max(1, keep_last or 1),
+        )
         self.last: Path | None = None
 
     def due(self, step: int, epochs_done: int | None = None) -> bool:
@@ -129,7 +142,9 @@ class Checkpointer:
             return final
         tmp = self.dir / f".step_{state['step']}.tmp"
         state = {**state, "world_size": acc.num_processes}  # batches and ZeRO partitions are per process
-        if acc.is_main_process:  # an empty folder, before any rank writes its files (RNG states, partitions) into it
+        if (
+            acc.is_main_process
+        ):  # an empty folder, before any rank writes its files (RNG states, partitions) into it
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
@@ -140,7 +155,7 @@ class Checkpointer:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             older = sorted((p for p in self.dir.glob("step_*") if p != final), key=lambda p: int(p.name[5:]))
-            for old in older[:max(0, len(older) - (self.keep_last - 1))]:
+            for old in older[: max(0, len(older) - (self.keep_last - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         self.last = final
@@ -160,7 +175,9 @@ class Checkpointer:
 def _deepspeed_weights_only(accelerator):
     """DeepSpeed's checkpoint engine calls ``torch.load(weights_only=False)``; load its files with
     ``weights_only=True`` instead, allowing only the plain types its checkpoints hold."""
-    engines = [m for m in accelerator._models if hasattr(m, "checkpoint_engine") and m.checkpoint_engine is not None]
+    engines = [
+        m for m in accelerator._models if hasattr(m, "checkpoint_engine") and m.checkpoint_engine is not None
+    ]
     originals = [(e.checkpoint_engine, e.checkpoint_engine.load) for e in engines]
 
     def safe_load(path, map_location=None):

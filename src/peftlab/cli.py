@@ -37,7 +37,9 @@ def run_job(cfg: DictConfig) -> float | None:
 
         log.info(job_banner(cfg))
     try:
-        check_first(cfg)  # before torch, transformers, DeepSpeed and PEFT load (5-10 s): a bad value is reported at once
+        check_first(
+            cfg
+        )  # before torch, transformers, DeepSpeed and PEFT load (5-10 s): a bad value is reported at once
     except ConfigError as e:
         return _failed_job(e, multirun)
 
@@ -59,7 +61,9 @@ def run_job(cfg: DictConfig) -> float | None:
     except (ConfigError, launch.LaunchFailed) as e:
         return _failed_job(e, multirun)
     except Exception as e:
-        if not multirun or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one rank of several: exit, so the launcher ends the others
+        if (
+            not multirun or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        ):  # one rank of several: exit, so the launcher ends the others
             raise
         log.exception("job failed: %s", e)
         return None
@@ -71,7 +75,9 @@ def _failed_job(e: Exception, multirun: bool) -> None:
     """A job that failed in one line: logged in a sweep (which goes on), else printed, and exit 2."""
     if multirun:
         log.error("job failed: %s", e)
-        return None  # the sweeper's record of a failed job (Optuna marks the trial failed; NaN would crash it)
+        return (
+            None  # the sweeper's record of a failed job (Optuna marks the trial failed; NaN would crash it)
+        )
     print(f"error: {e}", file=sys.stderr)
     sys.exit(getattr(e, "returncode", 2))
 
@@ -115,18 +121,29 @@ def record_config_error(cfg: DictConfig, error: ConfigError) -> None:
 
 
 COMMANDS = {  # name: (module with main(argv), what it does)
-    "validate": ("peftlab.cli", "compose a run's config from conf/ and check it, its data and launcher, loading no weights"),
-    "predict": ("peftlab.predict", "reload a finished run: its evaluation rows again, or --input FILE's new rows"),
-    "export": ("peftlab.export", "a finished run as a folder plain transformers (or PEFT) loads, with a model card"),
+    "validate": (
+        "peftlab.cli",
+        "compose a run's config from conf/ and check it, its data and launcher, loading no weights",
+    ),
+    "predict": (
+        "peftlab.predict",
+        "reload a finished run: its evaluation rows again, or --input FILE's new rows",
+    ),
+    "export": (
+        "peftlab.export",
+        "a finished run as a folder plain transformers (or PEFT) loads, with a model card",
+    ),
     "compare": ("peftlab.compare", "tables and plots over run directories and sweeps"),
 }
-USAGE = ("usage: peftlab {validate,predict,export,compare} ...\n\n"
-         + "\n".join(f"  {name:<9} {what}" for name, (_, what) in COMMANDS.items())
-         + "\n\n  peftlab validate [overrides]     e.g. peftlab validate model=tiny_bert zero=stage3_cpu"
-         + "\n  peftlab predict RUN_DIR [--input FILE] [--out FILE] [--device cpu|cuda]"
-         + "\n  peftlab export RUN_DIR OUT [--merge] [--push-to-hub REPO]"
-         + "\n  peftlab compare DIR... [--sort KEY] [--out DIR]"
-         + "\n\npeftlab COMMAND --help describes each; training is python run.py [overrides] (python run.py --help).")
+USAGE = (
+    "usage: peftlab {validate,predict,export,compare} ...\n\n"
+    + "\n".join(f"  {name:<9} {what}" for name, (_, what) in COMMANDS.items())
+    + "\n\n  peftlab validate [overrides]     e.g. peftlab validate model=tiny_bert zero=stage3_cpu"
+    + "\n  peftlab predict RUN_DIR [--input FILE] [--out FILE] [--device cpu|cuda]"
+    + "\n  peftlab export RUN_DIR OUT [--merge] [--push-to-hub REPO]"
+    + "\n  peftlab compare DIR... [--sort KEY] [--out DIR]"
+    + "\n\npeftlab COMMAND --help describes each; training is python run.py [overrides] (python run.py --help)."
+)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the checkout's conf/, as run.py beside it uses
 
 
@@ -145,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             return validate_main(argv[1:])
         return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
     except BrokenPipeError:  # `peftlab compare DIR | head`: the reader left; stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        os.dup2(
+            os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
+        )  # no second error when Python flushes stdout at exit
         return 141
 
 
@@ -156,22 +175,34 @@ def validate_main(argv: list[str]) -> int:
     import time
 
     parser = argparse.ArgumentParser(
-        prog="peftlab validate", description="Compose the run config from conf/ as python run.py would, print the "
+        prog="peftlab validate",
+        description="Compose the run config from conf/ as python run.py would, print the "
         "choices, and run every check that needs no model weights: config values and combinations, the model's files "
         "(hub cache), the launcher against the visible GPUs, the data files, columns, labels and held-out rows, the "
         "prompt against train.max_length. Nothing is written. Exit 0 and 'ok', or exit 2 and one line.",
         epilog="examples: peftlab validate;  peftlab validate model=tiny_bert zero=stage3_cpu peft=ia3;  "
-               "make validate ARGS='zero=stage2 zero.offload_param_device=cpu'")
-    parser.add_argument("overrides", nargs="*", help="key=value and group=option, as for run.py (one value per key)")
-    parser.add_argument("--config-dir", type=Path, default=CONF_DIR, help=f"the config folder (default: {CONF_DIR})")
+        "make validate ARGS='zero=stage2 zero.offload_param_device=cpu'",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value and group=option, as for run.py (one value per key)"
+    )
+    parser.add_argument(
+        "--config-dir", type=Path, default=CONF_DIR, help=f"the config folder (default: {CONF_DIR})"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")  # the data checks' warnings, one line each
+    logging.basicConfig(
+        level=logging.WARNING, format="warning: %(message)s"
+    )  # the data checks' warnings, one line each
     try:
         cfg = compose_run_config(args.config_dir, args.overrides)
         print(composed_choices(cfg))
-        summary = check_all(cfg, shared_dir_given=any(o.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir="))
-                                                       for o in args.overrides))
+        summary = check_all(
+            cfg,
+            shared_dir_given=any(
+                o.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in args.overrides
+            ),
+        )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -190,7 +221,9 @@ def compose_run_config(config_dir: Path, overrides: list[str]) -> DictConfig:
     import peftlab  # noqa: F401  (the resolvers the configs use)
 
     if not (Path(config_dir) / "config.yaml").is_file():
-        raise ConfigError(f"--config-dir {config_dir} has no config.yaml; give the folder run.py composes from (conf/)")
+        raise ConfigError(
+            f"--config-dir {config_dir} has no config.yaml; give the folder run.py composes from (conf/)"
+        )
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides))
@@ -226,26 +259,42 @@ def composed_choices(cfg: DictConfig) -> str:
 
     try:
         hub_id = base_model_id(m)
-        source = ("random weights (model.config)" if not m.pretrained else
-                  m.pretrained if hub_id == str(m.pretrained) else f"{hub_id} (its packaged copy)")
+        source = (
+            "random weights (model.config)"
+            if not m.pretrained
+            else m.pretrained
+            if hub_id == str(m.pretrained)
+            else f"{hub_id} (its packaged copy)"
+        )
     except Exception:
         source = OmegaConf.to_container(m, resolve=False).get("pretrained")
     try:
-        found = ds.data_dir or (Path(str(cfg.paths.data_dir)).expanduser() / ds.name if cfg.paths.data_dir else None)
-        data_dir = found if found and Path(str(found)).expanduser().is_dir() or ds.data_dir else \
-            f"the hub ({ds.hub.path}/{ds.hub.name}; no folder {found})"
+        found = ds.data_dir or (
+            Path(str(cfg.paths.data_dir)).expanduser() / ds.name if cfg.paths.data_dir else None
+        )
+        data_dir = (
+            found
+            if found and Path(str(found)).expanduser().is_dir() or ds.data_dir
+            else f"the hub ({ds.hub.path}/{ds.hub.name}; no folder {found})"
+        )
     except Exception:
         data_dir = "?"
-    return "\n".join([
-        f"model     {m.name}: {m.task}, {source}" + (f", pooling={m.get('pooling')}" if m.task == "seq_cls" else ""),
-        f"peft      {peft_method(cfg)}: " + (show(cfg.peft, peft_keys) if peft_keys else "full fine-tuning (every weight trains)"),
-        f"zero      {cfg.zero.name}: " + show(cfg.zero, ["stage", "offload_optimizer_device", "offload_param_device"]),
-        f"dataset   {ds.name}: {ds.format} from {data_dir}; " + show(ds, ["text_column", "label_column", "id_column"])
-        + f"; labels {dict(ds.labels)}",
-        f"train     {show(cfg.train, ['epochs', 'lr', 'batch_size', 'grad_accum', 'mixed_precision', 'max_length'])} seed={cfg.seed}",
-        f"eval      {show(cfg.eval, ['mode', 'split', 'select_on', 'metrics'])}",
-        f"launcher  {show(cfg.launcher, ['num_processes', 'num_machines'])}",
-    ])
+    return "\n".join(
+        [
+            f"model     {m.name}: {m.task}, {source}"
+            + (f", pooling={m.get('pooling')}" if m.task == "seq_cls" else ""),
+            f"peft      {peft_method(cfg)}: "
+            + (show(cfg.peft, peft_keys) if peft_keys else "full fine-tuning (every weight trains)"),
+            f"zero      {cfg.zero.name}: "
+            + show(cfg.zero, ["stage", "offload_optimizer_device", "offload_param_device"]),
+            f"dataset   {ds.name}: {ds.format} from {data_dir}; "
+            + show(ds, ["text_column", "label_column", "id_column"])
+            + f"; labels {dict(ds.labels)}",
+            f"train     {show(cfg.train, ['epochs', 'lr', 'batch_size', 'grad_accum', 'mixed_precision', 'max_length'])} seed={cfg.seed}",
+            f"eval      {show(cfg.eval, ['mode', 'split', 'select_on', 'metrics'])}",
+            f"launcher  {show(cfg.launcher, ['num_processes', 'num_machines'])}",
+        ]
+    )
 
 
 def check_all(cfg: DictConfig, shared_dir_given: bool = False) -> str:
@@ -284,11 +333,20 @@ def check_all(cfg: DictConfig, shared_dir_given: bool = False) -> str:
         # the tokenizer alone, not through peftlab.modeling, which imports PEFT and the model classes (~5 s)
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.model.tokenizer, trust_remote_code=cfg.model.trust_remote_code
+        )
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token  # as modeling.load_tokenizer
-        cut = data.truncated_rows(splits, tokenizer, cfg.model.task, cfg.dataset.prompt, data.label_names(cfg.dataset),
-                                  cfg.train.max_length, speak=False)
+        cut = data.truncated_rows(
+            splits,
+            tokenizer,
+            cfg.model.task,
+            cfg.dataset.prompt,
+            data.label_names(cfg.dataset),
+            cfg.train.max_length,
+            speak=False,
+        )
         if peft_method(cfg) == "adalora":
             from peftlab import modeling
 
@@ -296,9 +354,13 @@ def check_all(cfg: DictConfig, shared_dir_given: bool = False) -> str:
     except OmegaConfBaseException as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     sizes = ", ".join(f"{split} {len(rows)}" for split, rows in splits.items())
-    cut_text = "; ".join(f"{n} {split} rows cut to train.max_length={cfg.train.max_length}" for split, n in cut.items() if n)
-    return (f"rows {sizes}; eval.split={plan_name}: {len(plan)} x ({len(plan[0][0])} training, {len(plan[0][1])} held-out "
-            "rows), disjoint" + (f"; {cut_text}" if cut_text else ""))
+    cut_text = "; ".join(
+        f"{n} {split} rows cut to train.max_length={cfg.train.max_length}" for split, n in cut.items() if n
+    )
+    return (
+        f"rows {sizes}; eval.split={plan_name}: {len(plan)} x ({len(plan[0][0])} training, {len(plan[0][1])} held-out "
+        "rows), disjoint" + (f"; {cut_text}" if cut_text else "")
+    )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def note_cpu_adam_build(optimizer_target: str | None) -> None:
     if folder is not None:
         logging.getLogger("peftlab").info(
             "building DeepSpeed's CPU Adam once (~4-7 min on a busy 2-core CPU); cached in %s for the next runs "
-            "(TORCH_EXTENSIONS_DIR moves it; zero.optimizer=torch.optim.AdamW needs no build)", folder)
+            "(TORCH_EXTENSIONS_DIR moves it; zero.optimizer=torch.optim.AdamW needs no build)",
+            folder,
+        )
 
 
 def deepspeed_config(z: DictConfig, train: DictConfig) -> dict | None:
@@ -93,8 +95,14 @@ def ensure_process_group_env() -> None:
     """A plain ``python run.py`` is a world of one; DeepSpeed still wants a process group."""
     if "WORLD_SIZE" in os.environ:
         return
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                      **{PG_OWNER: str(os.getpid())})
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        **{PG_OWNER: str(os.getpid())},
+    )
 
 
 def forget_inherited_process_group_env() -> None:
@@ -118,7 +126,9 @@ def world_of_one():
         os.environ.update(saved)
 
 
-def make_accelerator(z: DictConfig, train: DictConfig, project_dir: str, log_with: str | None = None) -> Accelerator:
+def make_accelerator(
+    z: DictConfig, train: DictConfig, project_dir: str, log_with: str | None = None
+) -> Accelerator:
     """A fresh Accelerator for one training with the run's ``zero`` (``z``) and ``train`` sections, its
     trackers (``log_with``) writing under ``project_dir``; state of any earlier one in this process is reset.
     RuntimeError when WORLD_SIZE > 1 and Accelerate would not train the ranks together."""
@@ -128,8 +138,12 @@ def make_accelerator(z: DictConfig, train: DictConfig, project_dir: str, log_wit
     os.environ["ACCELERATE_USE_DEEPSPEED"] = str(ds is not None).lower()  # read by PartialState below
     if ds is not None:
         ensure_process_group_env()
-        plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=bool(z.zero3_init), zero3_save_16bit_model=z.stage == 3)
-        plugin.deepspeed_config["steps_per_print"] = ds["steps_per_print"]  # Accelerate sets inf: not standard JSON
+        plugin = DeepSpeedPlugin(
+            hf_ds_config=ds, zero3_init_flag=bool(z.zero3_init), zero3_save_16bit_model=z.stage == 3
+        )
+        plugin.deepspeed_config["steps_per_print"] = ds[
+            "steps_per_print"
+        ]  # Accelerate sets inf: not standard JSON
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not torch.cuda.is_available() and (ds is not None or world > 1):
         # On the CPU Accelerate must know the backend before it counts processes. Without DeepSpeed it
@@ -154,9 +168,13 @@ def check_distributed(accelerator: Accelerator, world: int) -> None:
     """Several ranks must make a distributed Accelerator; else each would train alone on its shard."""
     from accelerate.utils import DistributedType
 
-    if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
-        raise RuntimeError(f"WORLD_SIZE={world} but Accelerate sees {accelerator.num_processes} process(es), distributed type "
-                           f"{accelerator.distributed_type}: the ranks would not train together")
+    if world > 1 and (
+        accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO
+    ):
+        raise RuntimeError(
+            f"WORLD_SIZE={world} but Accelerate sees {accelerator.num_processes} process(es), distributed type "
+            f"{accelerator.distributed_type}: the ranks would not train together"
+        )
 
 
 def used_deepspeed_config(accelerator: Accelerator) -> dict | None:
@@ -202,9 +220,14 @@ def env_from_submitit() -> None:
 
     job = submitit.JobEnvironment()
     port = 20000 + zlib.crc32(job.job_id.encode()) % 30000 if job.num_tasks > 1 else free_port()
-    os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank),
-                      LOCAL_WORLD_SIZE=str(job.num_tasks // job.num_nodes), MASTER_ADDR=job.hostnames[0],
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(job.global_rank),
+        WORLD_SIZE=str(job.num_tasks),
+        LOCAL_RANK=str(job.local_rank),
+        LOCAL_WORLD_SIZE=str(job.num_tasks // job.num_nodes),
+        MASTER_ADDR=job.hostnames[0],
+        MASTER_PORT=str(port),
+    )
 
 
 def gathered(params, enabled: bool):
@@ -224,10 +247,16 @@ def zero3_partitions(accelerator: Accelerator, model) -> dict | None:
     params = list(model.parameters())
     local = sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor"))
     per_rank = accelerator.gather(torch.tensor([local], device=accelerator.device)).tolist()
-    partitions = {"numel_per_rank": per_rank, "numel_total": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
+    partitions = {
+        "numel_per_rank": per_rank,
+        "numel_total": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+    }
     if accelerator.is_main_process:
-        logging.getLogger("peftlab").info("ZeRO-3 partitions: %s of %s parameter elements per rank", per_rank,
-                                          f"{partitions['numel_total']:,}")
+        logging.getLogger("peftlab").info(
+            "ZeRO-3 partitions: %s of %s parameter elements per rank",
+            per_rank,
+            f"{partitions['numel_total']:,}",
+        )
     return partitions
 
 
@@ -260,6 +289,7 @@ def _lru_caches(fn, depth: int = 3) -> list:
         return []
     if hasattr(fn, "cache_clear"):
         return [fn]
-    inner = [getattr(fn, "__wrapped__", None)] + [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
-                                                   if callable(c.cell_contents)]
+    inner = [getattr(fn, "__wrapped__", None)] + [
+        c.cell_contents for c in getattr(fn, "__closure__", None) or () if callable(c.cell_contents)
+    ]
     return [cache for f in inner for cache in _lru_caches(f, depth - 1)]

@@ -47,8 +47,10 @@ def run(cfg: DictConfig) -> dict:
         if not os.access(run_dir, os.W_OK):
             raise PermissionError(f"Permission denied: '{run_dir}'")
     except OSError as e:
-        raise ConfigError(f"cannot write the run directory {run_dir} ({e.strerror or e}); "
-                          "choose a writable hydra.run.dir (or hydra.sweep.dir)") from None
+        raise ConfigError(
+            f"cannot write the run directory {run_dir} ({e.strerror or e}); "
+            "choose a writable hydra.run.dir (or hydra.sweep.dir)"
+        ) from None
     try:
         action, resume_from = checkpoint.plan_resume(cfg, run_dir)
     except ConfigError as e:
@@ -57,24 +59,38 @@ def run(cfg: DictConfig) -> dict:
         raise
     if action == "skip":
         if is_main_process():
-            log.info("%s already holds a finished run (metrics.json): nothing to do; use another hydra.run.dir (hydra.sweep.dir), "
-                     "or resume=never to run it again", run_dir)
+            log.info(
+                "%s already holds a finished run (metrics.json): nothing to do; use another hydra.run.dir (hydra.sweep.dir), "
+                "or resume=never to run it again",
+                run_dir,
+            )
         return checkpoint.previous_status(run_dir)
     record = RunRecord(run_dir, write=is_main_process())
     if resume_from is not None:
-        record.update(resumed_from=str(resume_from[0].relative_to(run_dir)), resumed_at_step=resume_from[1]["step"])
+        record.update(
+            resumed_from=str(resume_from[0].relative_to(run_dir)), resumed_at_step=resume_from[1]["step"]
+        )
         if is_main_process():
-            log.info("resuming from %s (epoch %d, batch %d, optimizer step %d)", resume_from[0], resume_from[1]["epoch"],
-                     resume_from[1]["batch"], resume_from[1]["step"])
+            log.info(
+                "resuming from %s (epoch %d, batch %d, optimizer step %d)",
+                resume_from[0],
+                resume_from[1]["epoch"],
+                resume_from[1]["batch"],
+                resume_from[1]["step"],
+            )
     engine.STOP.requested = None
-    gpu_before = gpu_allocated_mb()  # and after the job's cleanup: an in-process sweep must not pile up models
+    gpu_before = (
+        gpu_allocated_mb()
+    )  # and after the job's cleanup: an in-process sweep must not pile up models
     try:
         with engine.STOP.active():
             result = _run(cfg, run_dir, record, resume_from)
     except engine.Interrupted as e:
         record.finish("interrupted", error=str(e), interrupted_at_step=e.step)
         if is_main_process():
-            log.warning("%s; continue with: python run.py <same overrides> resume=auto hydra.run.dir=%s", e, run_dir)
+            log.warning(
+                "%s; continue with: python run.py <same overrides> resume=auto hydra.run.dir=%s", e, run_dir
+            )
         raise
     except engine.Diverged as e:
         record.finish("diverged", error=str(e), diverged_at_step=e.step)
@@ -110,38 +126,81 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, resume_from) -> dict
     for train_rows, eval_rows in plan:
         data.check_disjoint(train_rows, eval_rows)
     warnings = data.doubts(cfg.dataset, splits, plan_name, plan, speak=is_main_process())
-    metrics.load_metrics(tuple(cfg.eval.metrics), len(data.label_names(cfg.dataset)))  # one unable to score: now
+    metrics.load_metrics(
+        tuple(cfg.eval.metrics), len(data.label_names(cfg.dataset))
+    )  # one unable to score: now
     # every split tokenized once here (cached for the training and evaluation lists): a prompt that leaves
     # no room for the text fails before any model loads, and the rows whose text was cut are counted
-    names, tokenizer, method = data.label_names(cfg.dataset), modeling.load_tokenizer(cfg.model), peft_method(cfg)
-    truncated = data.truncated_rows(splits, tokenizer, cfg.model.task, cfg.dataset.prompt, names, cfg.train.max_length,
-                                    speak=is_main_process())
-    record.update(eval_split=plan_name, n_train=len(plan[0][0]), peft_method=method, truncated_rows=truncated,
-                  warnings=warnings)
+    names, tokenizer, method = (
+        data.label_names(cfg.dataset),
+        modeling.load_tokenizer(cfg.model),
+        peft_method(cfg),
+    )
+    truncated = data.truncated_rows(
+        splits,
+        tokenizer,
+        cfg.model.task,
+        cfg.dataset.prompt,
+        names,
+        cfg.train.max_length,
+        speak=is_main_process(),
+    )
+    record.update(
+        eval_split=plan_name,
+        n_train=len(plan[0][0]),
+        peft_method=method,
+        truncated_rows=truncated,
+        warnings=warnings,
+    )
     validation = None
     single = len(plan) == 1 and not (cfg.eval.select_on == "validation" and plan_name != "kfold")
     if resume_from is not None and not single:
-        log.warning("resume: this run trains several models (eval.split=kfold or eval.select_on=validation), "
-                    "which are not checkpointed; starting over")
+        log.warning(
+            "resume: this run trains several models (eval.split=kfold or eval.select_on=validation), "
+            "which are not checkpointed; starting over"
+        )
         resume_from = None
     # random weights are made before any ZeRO-3 Accelerator exists (zero.Init would partition them)
-    base = Base(tokenizer, modeling.base_weights(cfg.model, cfg.seed, len(names), cfg.paths.cache_dir), method, names)
+    base = Base(
+        tokenizer, modeling.base_weights(cfg.model, cfg.seed, len(names), cfg.paths.cache_dir), method, names
+    )
     if cfg.eval.select_on == "validation" and plan_name != "kfold":  # choose settings without the test split
         train = [r for r in splits["train"] if r["label"] >= 0]
-        validation = _fit_all(cfg, base, run_dir, splits, ("kfold", data.kfold_plan(train, cfg.eval.folds, cfg.seed)), record,
-                              prefix="val_")
-    result = _fit_all(cfg, base, run_dir, splits, (plan_name, plan), record,
-                      resume_from=resume_from[0] if resume_from else None, checkpoints=single)
+        validation = _fit_all(
+            cfg,
+            base,
+            run_dir,
+            splits,
+            ("kfold", data.kfold_plan(train, cfg.eval.folds, cfg.seed)),
+            record,
+            prefix="val_",
+        )
+    result = _fit_all(
+        cfg,
+        base,
+        run_dir,
+        splits,
+        (plan_name, plan),
+        record,
+        resume_from=resume_from[0] if resume_from else None,
+        checkpoints=single,
+    )
     if validation is not None:
-        result["final"].update(val_accuracy=validation["final"]["accuracy"], val_macro_f1=validation["final"]["macro_f1"])
-        result["phases"]["validation"] = {"wall_s": round(sum(p["wall_s"] for p in validation["phases"].values()), 3),
-                                          "folds": cfg.eval.folds}
+        result["final"].update(
+            val_accuracy=validation["final"]["accuracy"], val_macro_f1=validation["final"]["macro_f1"]
+        )
+        result["phases"]["validation"] = {
+            "wall_s": round(sum(p["wall_s"] for p in validation["phases"].values()), 3),
+            "folds": cfg.eval.folds,
+        }
     return result
 
 
 def one_line(error: BaseException) -> str:
     """The error for metrics.json, in one line: the real error, not a library's wrapper around it."""
-    wrappers = ("InstantiationException",)  # hydra.errors: "Error in call to target ...", raised from the real error
+    wrappers = (
+        "InstantiationException",
+    )  # hydra.errors: "Error in call to target ...", raised from the real error
     seen = set()
     while type(error).__name__ in wrappers and id(error) not in seen:
         seen.add(id(error))
@@ -150,11 +209,24 @@ def one_line(error: BaseException) -> str:
             break
         error = cause
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300] if text else ''}" if not isinstance(error, ConfigError) else text[0]
+    return (
+        f"{type(error).__name__}: {text[0][:300] if text else ''}"
+        if not isinstance(error, ConfigError)
+        else text[0]
+    )
 
 
-def _fit_all(cfg, base: Base, run_dir, splits, named_plan, record, prefix: str = "", resume_from=None,
-             checkpoints: bool = False) -> dict:
+def _fit_all(
+    cfg,
+    base: Base,
+    run_dir,
+    splits,
+    named_plan,
+    record,
+    prefix: str = "",
+    resume_from=None,
+    checkpoints: bool = False,
+) -> dict:
     """Train and evaluate once per (train, eval) pair of the plan (``named_plan``: its name and its pairs);
     pooled figures over all of them. ``resume_from``: a checkpoint folder for the single model of the run.
 
@@ -169,20 +241,40 @@ def _fit_all(cfg, base: Base, run_dir, splits, named_plan, record, prefix: str =
     for fold, (train_rows, eval_rows) in enumerate(plan):
         last = fold == len(plan) - 1
         unlabeled = [r for r in splits.get("test", []) if r["label"] < 0] if last and final_model else []
-        job = Job(train_rows, eval_rows, unlabeled, save=last and final_model and cfg.save_adapter, track=last and not prefix,
-                  checkpoints=checkpoints, resume_from=resume_from)
-        out = fit(cfg, base, job, meter, run_dir,
-                  on_epoch=lambda h, f=fold: record.update(epochs=h["epochs"], fold=f, phase=f"{prefix}train"))
+        job = Job(
+            train_rows,
+            eval_rows,
+            unlabeled,
+            save=last and final_model and cfg.save_adapter,
+            track=last and not prefix,
+            checkpoints=checkpoints,
+            resume_from=resume_from,
+        )
+        out = fit(
+            cfg,
+            base,
+            job,
+            meter,
+            run_dir,
+            on_epoch=lambda h, f=fold: record.update(epochs=h["epochs"], fold=f, phase=f"{prefix}train"),
+        )
         histories.append(out["history"])
         outs.append(out)
         gold.extend(r["label"] for r in eval_rows)
         pred.extend(out["eval"]["pred"])
         rows_out.extend(_prediction_rows(eval_rows, out["eval"], names, fold))
         if unlabeled and is_main_process():
-            write_csv(run_dir / "submission.csv", ["ID", "Label"],
-                      [[r["id"], names[p]] for r, p in zip(unlabeled, out["unlabeled"]["pred"])])
+            write_csv(
+                run_dir / "submission.csv",
+                ["ID", "Label"],
+                [[r["id"], names[p]] for r, p in zip(unlabeled, out["unlabeled"]["pred"])],
+            )
     if is_main_process():
-        header = ["id", "fold", "label", "prediction", "correct"] + [f"logp_{n}" for n in names] + ["generated", "text"]
+        header = (
+            ["id", "fold", "label", "prediction", "correct"]
+            + [f"logp_{n}" for n in names]
+            + ["generated", "text"]
+        )
         write_csv(run_dir / f"{prefix}predictions.csv", header, rows_out)
     final = classification_figures(gold, pred, names, cfg.eval.metrics)
     final["split"] = plan_name
@@ -192,15 +284,24 @@ def _fit_all(cfg, base: Base, run_dir, splits, named_plan, record, prefix: str =
         final.update(agreement(last["eval"], names))
     steady = [e for h in histories for e in (h["epochs"][1:] or h["epochs"])]  # epoch 1 is warm-up
     meter.phases.get("train", {}).update(
-        steps=sum(len(h["step_s"]) for h in histories), s_per_step=histories[-1]["s_per_step"],
-        samples_per_s=_mean(e["samples_per_s"] for e in steady), tokens_per_s=_mean(e["tokens_per_s"] for e in steady))
+        steps=sum(len(h["step_s"]) for h in histories),
+        s_per_step=histories[-1]["s_per_step"],
+        samples_per_s=_mean(e["samples_per_s"] for e in steady),
+        tokens_per_s=_mean(e["tokens_per_s"] for e in steady),
+    )
     first_step = histories[0].get("first_step_at")
-    started = record.started_at if _runs_in_process > 1 else psutil.Process().create_time()  # the command's start, once
-    return {"final": final, "phases": meter.phases,
-            "time_to_first_step_s": round(first_step - started, 2) if first_step else None,
-            "epochs": histories[-1]["epochs"], "loss_curve": histories[-1]["loss_curve"],
-            **({"folds": [h["epochs"][-1] for h in histories]} if len(histories) > 1 else {}),
-            **({"zero3_partitions": last["zero3_partitions"]} if last.get("zero3_partitions") else {})}
+    started = (
+        record.started_at if _runs_in_process > 1 else psutil.Process().create_time()
+    )  # the command's start, once
+    return {
+        "final": final,
+        "phases": meter.phases,
+        "time_to_first_step_s": round(first_step - started, 2) if first_step else None,
+        "epochs": histories[-1]["epochs"],
+        "loss_curve": histories[-1]["loss_curve"],
+        **({"folds": [h["epochs"][-1] for h in histories]} if len(histories) > 1 else {}),
+        **({"zero3_partitions": last["zero3_partitions"]} if last.get("zero3_partitions") else {}),
+    }
 
 
 def _mean(values) -> float | None:
@@ -213,7 +314,9 @@ def _prediction_rows(rows, out, names, fold) -> list[list]:
     for i, (r, p) in enumerate(zip(rows, out["pred"])):
         scores = [round(s, 5) for s in out["scores"][i]] if out["scores"] else [""] * len(names)
         generated = out["text"][i] if out["text"] else ""
-        table.append([r["id"], fold, names[r["label"]], names[p], int(p == r["label"]), *scores, generated, r["text"]])
+        table.append(
+            [r["id"], fold, names[r["label"]], names[p], int(p == r["label"]), *scores, generated, r["text"]]
+        )
     return table
 
 
@@ -221,8 +324,10 @@ def agreement(out: dict, names: list[str]) -> dict:
     """How often generate's text is exactly a label, and how often it then equals the score prediction."""
     exact = [i for i, t in enumerate(out["text"]) if t in names]
     same = sum(names.index(out["text"][i]) == out["pred"][i] for i in exact)
-    return {"generate_exact": round(len(exact) / len(out["text"]), 6),
-            "agreement": round(same / len(exact), 6) if exact else None}
+    return {
+        "generate_exact": round(len(exact) / len(out["text"]), 6),
+        "agreement": round(same / len(exact), 6) if exact else None,
+    }
 
 
 def summary_line(m: dict) -> str:
@@ -230,6 +335,8 @@ def summary_line(m: dict) -> str:
     h, f = headline(m), m.get("final", {})
     val = f" (validation folds {h['val_accuracy']:.4f})" if h["val_accuracy"] is not None else ""
     gpu, cpu = h["gpu_peak_mb"], h["cpu_peak_mb"]
-    return (f"{f.get('split')} accuracy {f.get('accuracy', float('nan')):.4f}{val}, macro-F1 {f.get('macro_f1', float('nan')):.4f} "
-            f"({f.get('n_eval')} rows) | {h['s_per_step']} s/step, {h['tokens_per_s']} tokens/s | "
-            f"GPU peak {f'{gpu:.0f} MB' if gpu else 'n/a'}, CPU peak {cpu or 0:.0f} MB | wall {m.get('wall_s')} s | {m.get('run_dir')}")
+    return (
+        f"{f.get('split')} accuracy {f.get('accuracy', float('nan')):.4f}{val}, macro-F1 {f.get('macro_f1', float('nan')):.4f} "
+        f"({f.get('n_eval')} rows) | {h['s_per_step']} s/step, {h['tokens_per_s']} tokens/s | "
+        f"GPU peak {f'{gpu:.0f} MB' if gpu else 'n/a'}, CPU peak {cpu or 0:.0f} MB | wall {m.get('wall_s')} s | {m.get('run_dir')}"
+    )

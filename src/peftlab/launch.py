@@ -52,27 +52,43 @@ def check(cfg: DictConfig, shared_dir_given: bool = True) -> None:
             raise ConfigError(f"launcher.{key}={value} must be a whole number >= 1")
     n, machines = la.num_processes, la.num_machines
     if n % machines:
-        raise ConfigError(f"launcher.num_processes={n} must be a multiple of launcher.num_machines={machines} "
-                          "(the same number of processes, one per GPU, on every machine)")
+        raise ConfigError(
+            f"launcher.num_processes={n} must be a multiple of launcher.num_machines={machines} "
+            "(the same number of processes, one per GPU, on every machine)"
+        )
     if not (isinstance(la.machine_rank, int) and 0 <= la.machine_rank < machines):
-        raise ConfigError(f"launcher.machine_rank={la.machine_rank} must be 0..{machines - 1} (this machine's place among launcher.num_machines)")
+        raise ConfigError(
+            f"launcher.machine_rank={la.machine_rank} must be 0..{machines - 1} (this machine's place among launcher.num_machines)"
+        )
     if machines > 1 and not la.main_process_ip:
-        raise ConfigError(f"launcher.num_machines={machines} needs launcher.main_process_ip=ADDRESS (machine 0's, reachable from all)")
+        raise ConfigError(
+            f"launcher.num_machines={machines} needs launcher.main_process_ip=ADDRESS (machine 0's, reachable from all)"
+        )
     if machines > 1 and not shared_dir_given:
-        raise ConfigError(f"launcher.num_machines={machines} needs hydra.run.dir=PATH (hydra.sweep.dir=PATH with -m) on a filesystem "
-                          "all machines share, the same in every machine's command")
+        raise ConfigError(
+            f"launcher.num_machines={machines} needs hydra.run.dir=PATH (hydra.sweep.dir=PATH with -m) on a filesystem "
+            "all machines share, the same in every machine's command"
+        )
     port = la.main_process_port
     if port is not None and not (isinstance(port, int) and 1024 <= port <= 65535):
-        raise ConfigError(f"launcher.main_process_port={port} must be a port number 1024..65535, or null for a free one")
+        raise ConfigError(
+            f"launcher.main_process_port={port} must be a port number 1024..65535, or null for a free one"
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        raise ConfigError(f"launcher.num_processes={n} inside a launch of {world} processes (WORLD_SIZE={world}): "
-                          "start with python run.py launcher.num_processes=N, or with accelerate launch/torchrun/deepspeed/SLURM tasks, not both")
-    gpus = torch.cuda.device_count()  # the visible ones (CUDA_VISIBLE_DEVICES); none: the ranks run on the CPU
+        raise ConfigError(
+            f"launcher.num_processes={n} inside a launch of {world} processes (WORLD_SIZE={world}): "
+            "start with python run.py launcher.num_processes=N, or with accelerate launch/torchrun/deepspeed/SLURM tasks, not both"
+        )
+    gpus = (
+        torch.cuda.device_count()
+    )  # the visible ones (CUDA_VISIBLE_DEVICES); none: the ranks run on the CPU
     if gpus and n // machines > gpus:
-        raise ConfigError(f"launcher.num_processes={n} starts {n // machines} processes on this machine, one per GPU, but it has "
-                          f"{gpus} GPU(s) visible: use launcher.num_processes={gpus * machines}, or set CUDA_VISIBLE_DEVICES= "
-                          "to run them on the CPU")
+        raise ConfigError(
+            f"launcher.num_processes={n} starts {n // machines} processes on this machine, one per GPU, but it has "
+            f"{gpus} GPU(s) visible: use launcher.num_processes={gpus * machines}, or set CUDA_VISIBLE_DEVICES= "
+            "to run them on the CPU"
+        )
     machine_gpus(cfg)  # several "machines" on this one host: each needs GPUs of its own
 
 
@@ -99,17 +115,24 @@ def machine_gpus(cfg: DictConfig) -> str | None:
     (one machine, another host, or no GPU). ConfigError when this host has too few GPUs."""
     la = cfg.launcher
     gpus = torch.cuda.device_count()
-    if la.num_machines == 1 or not gpus or not la.main_process_ip or not _is_this_host(str(la.main_process_ip)):
+    if (
+        la.num_machines == 1
+        or not gpus
+        or not la.main_process_ip
+        or not _is_this_host(str(la.main_process_ip))
+    ):
         return None
     k, m = la.num_processes // la.num_machines, la.machine_rank
     if (m + 1) * k > gpus:
-        raise ConfigError(f"launcher.machine_rank={m} runs on the host of machine 0 (launcher.main_process_ip={la.main_process_ip}), "
-                          f"whose machines share its {gpus} GPU(s): machine {m} needs GPUs {m * k}..{(m + 1) * k - 1}; "
-                          "give each machine its own GPUs (fewer processes, or CUDA_VISIBLE_DEVICES=...), or set "
-                          "CUDA_VISIBLE_DEVICES= to run on the CPU")
+        raise ConfigError(
+            f"launcher.machine_rank={m} runs on the host of machine 0 (launcher.main_process_ip={la.main_process_ip}), "
+            f"whose machines share its {gpus} GPU(s): machine {m} needs GPUs {m * k}..{(m + 1) * k - 1}; "
+            "give each machine its own GPUs (fewer processes, or CUDA_VISIBLE_DEVICES=...), or set "
+            "CUDA_VISIBLE_DEVICES= to run on the CPU"
+        )
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(gpus)]
-    return ",".join(ids[m * k:(m + 1) * k])
+    return ",".join(ids[m * k : (m + 1) * k])
 
 
 def command(cfg: DictConfig, run_dir: Path) -> list[str]:
@@ -117,9 +140,24 @@ def command(cfg: DictConfig, run_dir: Path) -> list[str]:
     la = cfg.launcher
     port = la.main_process_port or (29500 if la.num_machines > 1 else free_port())
     # --multi_gpu: N processes through torch.distributed.run, also on a machine without GPUs (gloo then)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(la.num_processes),
-           "--num_machines", str(la.num_machines), "--machine_rank", str(la.machine_rank), "--main_process_port", str(port),
-           "--mixed_precision", str(cfg.train.mixed_precision), "--dynamo_backend", "no"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(la.num_processes),
+        "--num_machines",
+        str(la.num_machines),
+        "--machine_rank",
+        str(la.machine_rank),
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        str(cfg.train.mixed_precision),
+        "--dynamo_backend",
+        "no",
+    ]
     if la.main_process_ip:
         cmd += ["--main_process_ip", str(la.main_process_ip)]
     return [*cmd, "-m", "peftlab.launch", str(run_dir)]
@@ -159,8 +197,11 @@ def relaunch(cfg: DictConfig) -> dict:
             RunRecord(run_dir, write=first_machine).finish("failed", error=str(e))
         raise
     if action == "skip":
-        log.info("%s already holds a finished run (metrics.json): nothing to do; use another hydra.run.dir (hydra.sweep.dir), "
-                 "or resume=never to run it again", run_dir)
+        log.info(
+            "%s already holds a finished run (metrics.json): nothing to do; use another hydra.run.dir (hydra.sweep.dir), "
+            "or resume=never to run it again",
+            run_dir,
+        )
         return previous
     RunRecord(run_dir, write=first_machine)  # 'running' until rank 0 takes over the file
     if first_machine:
@@ -168,7 +209,12 @@ def relaunch(cfg: DictConfig) -> dict:
     for stale in run_dir.glob(".rank*.error"):
         stale.unlink(missing_ok=True)
     cmd = command(cfg, run_dir)
-    log.info("launching %d processes on %d machine(s): %s", cfg.launcher.num_processes, cfg.launcher.num_machines, shlex.join(cmd))
+    log.info(
+        "launching %d processes on %d machine(s): %s",
+        cfg.launcher.num_processes,
+        cfg.launcher.num_machines,
+        shlex.join(cmd),
+    )
     devices = machine_gpus(cfg)
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=devices) if devices is not None else None
     code = subprocess.run(cmd, env=env).returncode
@@ -176,20 +222,36 @@ def relaunch(cfg: DictConfig) -> dict:
     see = f"see {run_dir / 'run.log'}"
     if not first_machine:  # machine 0 holds rank 0, which writes the records
         if code != 0:
-            raise LaunchFailed(f"this machine's processes exited with code {code}: {_joined(errors) or see}", code)
+            raise LaunchFailed(
+                f"this machine's processes exited with code {code}: {_joined(errors) or see}", code
+            )
         return {"status": "finished", "final": {}}
     metrics = read_json(run_dir / "metrics.json") or {}
     if code == 0:
         return metrics
     status = metrics.get("status")
     others = _joined({r: e for r, e in errors.items() if r != 0 and e != metrics.get("error")})
-    if status in ("finished", "running"):  # rank 0 could not record the failure, or recorded success before it
-        when = "after rank 0 recorded the run finished" if status == "finished" else "before rank 0 could record it"
-        metrics = amend_record(run_dir, status="failed", error=f"a process exited with code {code} {when}: {others or see}")
-    elif status in ("failed", "interrupted") and others:  # rank 0 failed as its peer vanished mid-collective, or was
+    if status in (
+        "finished",
+        "running",
+    ):  # rank 0 could not record the failure, or recorded success before it
+        when = (
+            "after rank 0 recorded the run finished"
+            if status == "finished"
+            else "before rank 0 could record it"
+        )
+        metrics = amend_record(
+            run_dir, status="failed", error=f"a process exited with code {code} {when}: {others or see}"
+        )
+    elif (
+        status in ("failed", "interrupted") and others
+    ):  # rank 0 failed as its peer vanished mid-collective, or was
         # stopped by the launcher's SIGTERM once another rank died: that other rank's error is the cause
         metrics = amend_record(run_dir, status="failed", error=f"{others} (rank 0: {metrics.get('error')})")
-    raise LaunchFailed(f"{cfg.launcher.num_processes} processes, exit code {code}: {metrics.get('error') or 'see run.log'}", code)
+    raise LaunchFailed(
+        f"{cfg.launcher.num_processes} processes, exit code {code}: {metrics.get('error') or 'see run.log'}",
+        code,
+    )
 
 
 def rank_errors(run_dir: Path, remove: bool = True) -> dict[int, str]:
@@ -224,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     """One rank: ``python -m peftlab.launch RUN_DIR`` (started by :func:`relaunch`)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or not (Path(argv[0]) / "config.yaml").is_file():
-        print("usage: python -m peftlab.launch RUN_DIR   (RUN_DIR/config.yaml, written by python run.py launcher.num_processes=N)", file=sys.stderr)
+        print(
+            "usage: python -m peftlab.launch RUN_DIR   (RUN_DIR/config.yaml, written by python run.py launcher.num_processes=N)",
+            file=sys.stderr,
+        )
         return 2
     run_dir = Path(argv[0])
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -240,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         else:  # the launcher stops every rank once one exits: let rank 0 record the error first
             wait_for_record(run_dir)
         return 2
-    except Exception as e:  # for the parent: rank 0 alone writes metrics.json (SystemExit: a stop signal, recorded there)
+    except (
+        Exception
+    ) as e:  # for the parent: rank 0 alone writes metrics.json (SystemExit: a stop signal, recorded there)
         from peftlab.experiment import one_line
 
         (run_dir / f".rank{rank()}.error").write_text(one_line(e) + "\n", encoding="utf-8")
@@ -251,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
 def wait_for_record(run_dir: Path, timeout_s: float = 10.0) -> None:
     """Until RUN_DIR/metrics.json no longer says running (rank 0 recorded the end), at most timeout_s."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and (read_json(run_dir / "metrics.json") or {}).get("status") == "running":
+    while (
+        time.monotonic() < deadline and (read_json(run_dir / "metrics.json") or {}).get("status") == "running"
+    ):
         time.sleep(0.1)
 
 

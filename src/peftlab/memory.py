@@ -60,8 +60,12 @@ class PhaseMeter:
             synchronize()
             record["wall_s"] = round(record.get("wall_s", 0.0) + time.perf_counter() - start, 3)
             record["end_time"] = round(time.time(), 3)
-            record["gpu_peak_alloc_mb"] = round(torch.cuda.max_memory_allocated() / MB, 1) if self.cuda else None
-            record["gpu_peak_reserved_mb"] = round(torch.cuda.max_memory_reserved() / MB, 1) if self.cuda else None
+            record["gpu_peak_alloc_mb"] = (
+                round(torch.cuda.max_memory_allocated() / MB, 1) if self.cuda else None
+            )
+            record["gpu_peak_reserved_mb"] = (
+                round(torch.cuda.max_memory_reserved() / MB, 1) if self.cuda else None
+            )
             peak = round(_vm_hwm_mb(), 1)
             record["cpu_peak_rss_mb"] = max(peak, record.get("cpu_peak_rss_mb") or 0.0)
             record["cpu_peak_scope"] = "phase" if per_phase else "process"
@@ -124,10 +128,14 @@ def release_failed_job(error: BaseException | None) -> None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        frames = [frame for frame, _ in traceback.walk_tb(e.__traceback__) if frame.f_code.co_name != "<module>"]
+        frames = [
+            frame for frame, _ in traceback.walk_tb(e.__traceback__) if frame.f_code.co_name != "<module>"
+        ]
         made_here = {c for frame in frames for c in frame.f_code.co_consts if isinstance(c, types.CodeType)}
         for frame in frames:
-            running = [f for f in gc.get_referents(frame) if isinstance(f, types.FunctionType)]  # the frame's function
+            running = [
+                f for f in gc.get_referents(frame) if isinstance(f, types.FunctionType)
+            ]  # the frame's function
             for value in [*frame.f_locals.values(), *running]:
                 if isinstance(value, Accelerator) and id(value) not in seen:
                     seen.add(id(value))

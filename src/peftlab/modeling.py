@@ -32,7 +32,11 @@ from transformers import (
 from peftlab.config import PEFT_TASK_TYPES, ConfigError, check_model_files, peft_method
 
 log = logging.getLogger(__name__)
-AUTO_CLASSES = {"seq_cls": AutoModelForSequenceClassification, "seq2seq": AutoModelForSeq2SeqLM, "causal_lm": AutoModelForCausalLM}
+AUTO_CLASSES = {
+    "seq_cls": AutoModelForSequenceClassification,
+    "seq2seq": AutoModelForSeq2SeqLM,
+    "causal_lm": AutoModelForCausalLM,
+}
 _TOKENIZERS: dict[str, object] = {}
 
 
@@ -60,8 +64,16 @@ def base_weights(m: DictConfig, seed: int, num_labels: int, cache_dir: str | Pat
     return random_weights(m, seed, num_labels, cache_dir) if m.materialize else None
 
 
-def build_model(m: DictConfig, num_labels: int, weights: str | Path | None, *, seed: int, pad_token_id: int,
-                peft=None, gradient_checkpointing: bool = False):
+def build_model(
+    m: DictConfig,
+    num_labels: int,
+    weights: str | Path | None,
+    *,
+    seed: int,
+    pad_token_id: int,
+    peft=None,
+    gradient_checkpointing: bool = False,
+):
     """The base model from ``weights`` (:func:`base_weights`), with the adapter of ``peft`` (a PEFT config,
     :func:`peft_config`; None: no adapter, every weight trainable). ``num_labels`` sizes a classifier's head
     (seq_cls); ``seed`` draws the head and a config-built model; ``pad_token_id`` is the tokenizer's.
@@ -73,7 +85,9 @@ def build_model(m: DictConfig, num_labels: int, weights: str | Path | None, *, s
         if m.trust_remote_code:
             log.warning("model.trust_remote_code=true: running the model code of %s", weights)
         with _one_line(m):
-            model = auto.from_pretrained(weights, trust_remote_code=m.trust_remote_code, use_safetensors=True, **extra)
+            model = auto.from_pretrained(
+                weights, trust_remote_code=m.trust_remote_code, use_safetensors=True, **extra
+            )
     else:  # straight from the config: under zero.Init the init differs from a plain one, so reloads can't rebuild it
         model = auto.from_config(instantiate(m.config, **extra))
     if model.config.pad_token_id is None:
@@ -95,7 +109,11 @@ class MeanPooler(torch.nn.Module):
         self.mask: torch.Tensor | None = None
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        mask = (self.mask if self.mask is not None else states.new_ones(states.shape[:2])).unsqueeze(-1).to(states.dtype)
+        mask = (
+            (self.mask if self.mask is not None else states.new_ones(states.shape[:2]))
+            .unsqueeze(-1)
+            .to(states.dtype)
+        )
         return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
@@ -111,13 +129,20 @@ def check_pooling(m: DictConfig) -> None:
     if not wants_mean_pooling(m):
         return
     with _one_line(m):
-        config = (AutoConfig.from_pretrained(m.pretrained, trust_remote_code=m.trust_remote_code) if m.pretrained
-                  else instantiate(m.config))
+        config = (
+            AutoConfig.from_pretrained(m.pretrained, trust_remote_code=m.trust_remote_code)
+            if m.pretrained
+            else instantiate(m.config)
+        )
     with torch.device("meta"):
-        skeleton = AutoModelForSequenceClassification.from_config(config, trust_remote_code=m.trust_remote_code)
+        skeleton = AutoModelForSequenceClassification.from_config(
+            config, trust_remote_code=m.trust_remote_code
+        )
     if not isinstance(getattr(skeleton.base_model, "pooler", None), torch.nn.Module):
-        raise ConfigError(f"model.pooling=mean needs an encoder with a pooler (BERT family); model={m.name} "
-                          f"({type(skeleton).__name__}) has none: use model.pooling=cls")
+        raise ConfigError(
+            f"model.pooling=mean needs an encoder with a pooler (BERT family); model={m.name} "
+            f"({type(skeleton).__name__}) has none: use model.pooling=cls"
+        )
 
 
 def use_mean_pooling(model) -> None:
@@ -126,7 +151,11 @@ def use_mean_pooling(model) -> None:
     pooler = encoder.pooler = MeanPooler()
 
     def keep_mask(module, args, kwargs):
-        pooler.mask = kwargs["attention_mask"] if kwargs.get("attention_mask") is not None else (args[1] if len(args) > 1 else None)
+        pooler.mask = (
+            kwargs["attention_mask"]
+            if kwargs.get("attention_mask") is not None
+            else (args[1] if len(args) > 1 else None)
+        )
 
     encoder.register_forward_pre_hook(keep_mask, with_kwargs=True)
 
@@ -139,13 +168,17 @@ def random_weights(m: DictConfig, seed: int, num_labels: int, cache_dir: str | P
     ZeRO-3 run could not be reloaded onto the same base. Materializing them on the CPU first and
     loading them like a pretrained model makes the base identical in every setting and reload.
     """
-    key = hashlib.sha1(f"{OmegaConf.to_yaml(m.config)}|{seed}|{num_labels}|{m.task}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{OmegaConf.to_yaml(m.config)}|{seed}|{num_labels}|{m.task}".encode()).hexdigest()[
+        :12
+    ]
     folder = Path(cache_dir).expanduser() / "random_weights" / f"{m.name}-{key}"
     if not (folder / "config.json").is_file():
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         if is_deepspeed_zero3_enabled():
-            raise RuntimeError("random weights must be materialized before the ZeRO-3 Accelerator exists (zero.Init would partition them)")
+            raise RuntimeError(
+                "random weights must be materialized before the ZeRO-3 Accelerator exists (zero.Init would partition them)"
+            )
         set_seed(seed)
         extra = {"num_labels": num_labels} if m.task == "seq_cls" else {}
         model = AUTO_CLASSES[m.task].from_config(instantiate(m.config, **extra))
@@ -208,8 +241,10 @@ def optimizer_steps(n_rows: int, train: DictConfig, num_processes: int) -> int:
 
 def adalora_schedule(peft: DictConfig, total_steps: int) -> tuple[int, int]:
     """(tinit, tfinal) as AdaLoRA gets them: the configured ones, or 10% and 20% of the run's steps."""
-    return (peft.tinit if peft.tinit is not None else int(0.1 * total_steps),
-            peft.tfinal if peft.tfinal is not None else int(0.2 * total_steps))
+    return (
+        peft.tinit if peft.tinit is not None else int(0.1 * total_steps),
+        peft.tfinal if peft.tfinal is not None else int(0.2 * total_steps),
+    )
 
 
 def check_adalora_schedule(peft: DictConfig, train: DictConfig, n_rows: int, num_processes: int) -> None:
@@ -221,14 +256,20 @@ def check_adalora_schedule(peft: DictConfig, train: DictConfig, n_rows: int, num
     tinit, tfinal = adalora_schedule(peft, total_steps)
     if tinit + tfinal < total_steps:
         return
-    how = (f"{n_rows} training rows, train.batch_size={train.batch_size}, train.grad_accum={train.grad_accum}, "
-           f"{num_processes} process(es)")
+    how = (
+        f"{n_rows} training rows, train.batch_size={train.batch_size}, train.grad_accum={train.grad_accum}, "
+        f"{num_processes} process(es)"
+    )
     per_epoch = total_steps // train.epochs
-    given = lambda key, value: f"peft.{key}={value}" if peft[key] is not None else f"peft.{key}=null ({value})"  # noqa: E731
-    raise ConfigError(f"{given('tinit', tinit)} + {given('tfinal', tfinal)} = {tinit + tfinal} leave AdaLoRA no steps to "
-                      f"re-allocate ranks in: the run has {total_steps} optimizer steps (train.epochs={train.epochs} x "
-                      f"{per_epoch} per epoch: {how}); make peft.tinit + peft.tfinal < {total_steps}, "
-                      "or raise train.epochs")
+    given = lambda key, value: (
+        f"peft.{key}={value}" if peft[key] is not None else f"peft.{key}=null ({value})"
+    )  # noqa: E731
+    raise ConfigError(
+        f"{given('tinit', tinit)} + {given('tfinal', tfinal)} = {tinit + tfinal} leave AdaLoRA no steps to "
+        f"re-allocate ranks in: the run has {total_steps} optimizer steps (train.epochs={train.epochs} x "
+        f"{per_epoch} per epoch: {how}); make peft.tinit + peft.tfinal < {total_steps}, "
+        "or raise train.epochs"
+    )
 
 
 class _one_line(contextlib.AbstractContextManager):
@@ -241,8 +282,10 @@ class _one_line(contextlib.AbstractContextManager):
         if isinstance(error, OSError):  # transformers' "couldn't find / couldn't connect" errors
             source = self.m.get(self.key.split(".")[1])
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-            raise ConfigError(f"{self.key}={source} cannot be loaded ({reason}); give a model folder ({self.key}=/path/to/folder) "
-                              "or a hub id that is in the local cache (`huggingface-cli download ID` on a machine with internet)") from None
+            raise ConfigError(
+                f"{self.key}={source} cannot be loaded ({reason}); give a model folder ({self.key}=/path/to/folder) "
+                "or a hub id that is in the local cache (`huggingface-cli download ID` on a machine with internet)"
+            ) from None
         return False
 
 
@@ -297,7 +340,9 @@ def parameter_groups(model) -> list[dict]:
     return [{"params": head}, {"params": rest}]
 
 
-def head_first_schedule(optimizer, warmup: int, total: int, head_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def head_first_schedule(
+    optimizer, warmup: int, total: int, head_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """``train.head_only_epochs`` (linear probing, then fine-tuning): the head (group 0) follows the usual
     linear warm-up and decay over all ``total`` steps; the adapter (group 1) stays at learning rate 0 for
     the first ``head_steps``, then warms up and decays over the steps that remain."""

@@ -33,13 +33,24 @@ def wanted(metrics: Iterable[str] | None) -> tuple[str, ...]:
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_EVALUATE_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_EVALUATE_OFFLINE", "").upper() in (
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    )
 
 
 def _modules_cache() -> Path:
     """Where ``evaluate`` keeps the module scripts it fetched (its config.HF_MODULES_CACHE), read without importing it."""
-    home = os.environ.get("HF_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"))
-    return Path(os.environ.get("HF_MODULES_CACHE", os.path.join(home, "modules"))).expanduser() / "evaluate_modules" / "metrics"
+    home = os.environ.get(
+        "HF_HOME", os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    )
+    return (
+        Path(os.environ.get("HF_MODULES_CACHE", os.path.join(home, "modules"))).expanduser()
+        / "evaluate_modules"
+        / "metrics"
+    )
 
 
 def _local_script(name: str) -> Path | None:
@@ -53,11 +64,19 @@ def _local_script(name: str) -> Path | None:
 
 def _cached(name: str) -> bool:
     """A hub module (``accuracy``, ``owner/metric``) fetched before, which ``evaluate.load`` uses when the hub is off."""
-    folders = [f"evaluate-{kind}--{name}" for kind in ("metric", "comparison", "measurement")] if "/" not in name \
+    folders = (
+        [f"evaluate-{kind}--{name}" for kind in ("metric", "comparison", "measurement")]
+        if "/" not in name
         else [name.replace("/", "--")]
+    )
     script = name.rsplit("/", 1)[-1] + ".py"
-    return any((folder / script).is_file() for f in folders if (_modules_cache() / f).is_dir()
-               for folder in (_modules_cache() / f).iterdir() if len(folder.name) == 64)
+    return any(
+        (folder / script).is_file()
+        for f in folders
+        if (_modules_cache() / f).is_dir()
+        for folder in (_modules_cache() / f).iterdir()
+        if len(folder.name) == 64
+    )
 
 
 def check_names(metrics: Iterable[str] | None) -> None:
@@ -69,16 +88,25 @@ def check_names(metrics: Iterable[str] | None) -> None:
     for name in wanted(metrics):
         if name in SHIPPED or _local_script(name):
             continue
-        path_like = name.endswith(".py") or name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+        path_like = (
+            name.endswith(".py")
+            or name.startswith((".", "/", "~"))
+            or name.count("/") > 1
+            or Path(name).expanduser().exists()
+        )
         if path_like:
-            raise ConfigError(f"eval.metrics: {name} is not an evaluate module script (a .py file, or a folder holding "
-                              f"{Path(name).name}.py); fix the path, or give an evaluate hub metric name")
+            raise ConfigError(
+                f"eval.metrics: {name} is not an evaluate module script (a .py file, or a folder holding "
+                f"{Path(name).name}.py); fix the path, or give an evaluate hub metric name"
+            )
         offline = _hub_offline() if offline is None else offline
         if offline and not _cached(name):
-            raise ConfigError(f"eval.metrics: {name} is an evaluate hub metric, not in the local cache ({_modules_cache()}), and the "
-                              f"hub is off (HF_HUB_OFFLINE=1): run `python -c \"import evaluate; evaluate.load('{name}')\"` "
-                              f"once with internet, give a local module path (my_metric.py), or drop it "
-                              f"({', '.join(SHIPPED)} work offline)")
+            raise ConfigError(
+                f"eval.metrics: {name} is an evaluate hub metric, not in the local cache ({_modules_cache()}), and the "
+                f"hub is off (HF_HUB_OFFLINE=1): run `python -c \"import evaluate; evaluate.load('{name}')\"` "
+                f"once with internet, give a local module path (my_metric.py), or drop it "
+                f"({', '.join(SHIPPED)} work offline)"
+            )
 
 
 @functools.lru_cache(maxsize=8)
@@ -95,15 +123,19 @@ def load_metrics(metrics: tuple[str, ...], num_labels: int):
         try:
             modules.append(evaluate.load(source, keep_in_memory=True))
         except Exception as e:  # offline, no such metric, a broken script: the fix is in eval.metrics
-            raise ConfigError(f"eval.metrics: {name} could not be loaded ({_first_line(e)}); give an evaluate hub metric "
-                              "name or a local module path, or drop it") from None
+            raise ConfigError(
+                f"eval.metrics: {name} could not be loaded ({_first_line(e)}); give an evaluate hub metric "
+                "name or a local module path, or drop it"
+            ) from None
     combined = evaluate.combine(modules)
     labels = list(range(max(num_labels, 2)))
     try:
         combined.result_keys = list(combined.compute(predictions=labels, references=labels))
     except Exception as e:
-        raise ConfigError(f"eval.metrics: one of {', '.join(wanted(metrics))} cannot score {num_labels} labels "
-                          f"({_first_line(e)}); drop it or give a module that takes label indices") from None
+        raise ConfigError(
+            f"eval.metrics: one of {', '.join(wanted(metrics))} cannot score {num_labels} labels "
+            f"({_first_line(e)}); drop it or give a module that takes label indices"
+        ) from None
     return combined
 
 
@@ -123,7 +155,9 @@ def _plain(value):
     return value
 
 
-def classification_figures(gold: list[int], pred: list[int], names: list[str], metrics: Iterable[str] | None = None) -> dict:
+def classification_figures(
+    gold: list[int], pred: list[int], names: list[str], metrics: Iterable[str] | None = None
+) -> dict:
     """The record of one evaluation: each metric of ``wanted(metrics)`` under its result key
     (``accuracy``, ``macro_f1``, then e.g. ``matthews_correlation``), ``n_eval``, ``labels`` (the
     names) and ``confusion_matrix`` (rows the true labels, columns the predictions, both indexed as
@@ -133,7 +167,9 @@ def classification_figures(gold: list[int], pred: list[int], names: list[str], m
 
     combined = load_metrics(wanted(metrics), len(names))
     if gold:
-        scores = {key: _plain(value) for key, value in combined.compute(predictions=pred, references=gold).items()}
+        scores = {
+            key: _plain(value) for key, value in combined.compute(predictions=pred, references=gold).items()
+        }
         matrix = confusion_matrix(gold, pred, labels=list(range(len(names)))).tolist()
     else:
         scores = dict.fromkeys(combined.result_keys)

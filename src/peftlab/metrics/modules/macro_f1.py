@@ -8,7 +8,9 @@ import datasets
 import evaluate
 from sklearn.metrics import f1_score
 
-_DESCRIPTION = "Macro-F1: the mean over labels of each label's F1 (harmonic mean of precision and recall), from 0 to 1."
+_DESCRIPTION = (
+    "Macro-F1: the mean over labels of each label's F1 (harmonic mean of precision and recall), from 0 to 1."
+)
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (list of int): predicted label indices.
@@ -22,9 +24,15 @@ Returns:
 class MacroF1(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation="", inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}),
-            reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.f1_score.html"],
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
+            ),
+            reference_urls=[
+                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.f1_score.html"
+            ],
         )
 
     def _compute(self, predictions, references):
