@@ -14,7 +14,8 @@ from peftlab.experiment import run
 
 from .conftest import ROOT, make_cfg
 
-MCC = ROOT / "tests" / "metric_modules" / "matthews_correlation"  # a local evaluate module (the hub is off)
+MCC = ROOT / "tests" / "metric_modules" / "matthews_correlation"
+BINARY_F1 = MCC.parent / "binary_f1"  # f1 for label 5 only: it cannot score 2 or 3 labels
 
 
 @pytest.mark.slow
@@ -51,18 +52,8 @@ def test_a_hub_metric_offline_fails_before_training(tmp_path, tiny_data, no_mode
 
 
 def test_a_metric_that_cannot_score_the_task_fails_before_training(tmp_path, tiny_data, no_model_loading):
-    """Needs the early metrics.load_metrics call in experiment._run (before any model loads)."""
-    folder = tmp_path / "binary_f1"
-    folder.mkdir()
-    (folder / "binary_f1.py").write_text(
-        (MCC / "matthews_correlation.py")
-        .read_text()
-        .replace("matthews_corrcoef", "f1_score")
-        .replace("MatthewsCorrelation", "BinaryF1")
-        .replace(", sample_weight=sample_weight", "")
-        .replace("f1_score(references, predictions)", "f1_score(references, predictions, pos_label=5)")
-    )
-    cfg = make_cfg(tmp_path / "run", f"eval.metrics=[{folder}]", data_dir=tiny_data)
+    """The run loads its metrics before any model loads (experiment._run)."""
+    cfg = make_cfg(tmp_path / "run", f"eval.metrics=[{BINARY_F1}]", data_dir=tiny_data)
     with pytest.raises(
         ConfigError, match=r"eval.metrics: one of accuracy, macro_f1, .*binary_f1 cannot score 2 labels"
     ):

@@ -19,6 +19,7 @@ from peftlab.metrics import classification_figures
 from .conftest import ROOT, make_cfg
 
 MCC = ROOT / "tests" / "metric_modules" / "matthews_correlation"
+BINARY_F1 = MCC.parent / "binary_f1"  # f1 for label 5 only: it cannot score 2 or 3 labels
 GOLD = [0, 0, 0, 1, 1, 1, 1, 1]
 PRED = [0, 0, 1, 1, 1, 1, 0, 1]
 
@@ -135,16 +136,7 @@ def test_eval_metrics_must_be_a_list_of_names(tmp_path):
 
 def test_a_metric_that_cannot_score_the_task_fails_when_loaded_not_after_training(tmp_path, fresh_cache):
     """f1's binary default on three labels: found by trying the metrics on one row per label."""
-    folder = tmp_path / "binary_f1"
-    folder.mkdir()
-    (folder / "binary_f1.py").write_text(
-        (MCC / "matthews_correlation.py")
-        .read_text()
-        .replace("matthews_corrcoef", "f1_score")
-        .replace("MatthewsCorrelation", "BinaryF1")
-        .replace(", sample_weight=sample_weight", "")
-    )
     with pytest.raises(
         ConfigError, match=r"eval.metrics: one of accuracy, macro_f1, .*binary_f1 cannot score 3 labels"
     ):
-        metrics.load_metrics((str(folder),), 3)
+        metrics.load_metrics((str(BINARY_F1),), 3)
