@@ -364,6 +364,22 @@ def test_a_sweep_on_a_running_ray_cluster(tmp_path, tiny_data):
             assert head.poll() is None and time.time() < deadline, log.read_text()[-2000:]
             time.sleep(0.5)
         sweep = tmp_path / "sweep"
+        # the preset's one GPU a job on a cluster of CPUs: Ray would keep every job pending, silently
+        start = time.time()
+        refused = run_py(
+            "-m",
+            "hydra/launcher=ray_cluster",
+            f"hydra.launcher.ray.init.address=127.0.0.1:{port}",
+            "model=tiny_bert",
+            f"hydra.sweep.dir={tmp_path / 'refused'}",
+            env={**LOOPBACK, "RAY_AUTH_MODE": "token", "CUDA_VISIBLE_DEVICES": ""},
+            timeout=120,
+        )
+        assert refused.returncode == 2 and time.time() - start < 60
+        assert refused.stderr.strip().splitlines()[-1] == (
+            "error: hydra.launcher.ray.remote.num_gpus=1: no node of the Ray cluster has 1 GPUs (the most on one "
+            "node: 0), so no job would ever start; use hydra.launcher.ray.remote.num_gpus=0 for a cluster without GPUs"
+        )
         result = run_py(
             "-m",
             "hydra/launcher=ray_cluster",
@@ -432,3 +448,25 @@ def test_optuna_trials_run_side_by_side_on_ray(tmp_path, tiny_data):
         and "best_value" in (tmp_path / "optimization_results.yaml").read_text()
     )
     assert not no_ray_left()
+
+
+@needs_ray
+def test_joining_no_running_cluster_is_one_line(tmp_path):
+    """hydra/launcher=ray_cluster with no cluster to join: one line naming the address and the fix, in seconds."""
+    start = time.time()
+    result = run_py(
+        "-m",
+        "hydra/launcher=ray_cluster",
+        "model=tiny_bert",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        env={"RAY_TMPDIR": str(tmp_path), "RAY_ADDRESS": ""},  # no `ray start` address file to find
+        timeout=120,
+    )
+    assert result.returncode == 2 and time.time() - start < 60, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        "error: hydra.launcher.ray.init.address=auto: no Ray cluster joined ("
+    ) and line.endswith(
+        "start one with `ray start --head` (then `ray start --address=HEAD:6379` on the other nodes), or name it "
+        "with hydra.launcher.ray.init.address=HOST:PORT"
+    )

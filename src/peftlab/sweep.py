@@ -223,6 +223,38 @@ def prepare_local_ray(launcher: DictConfig) -> None:
     os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def join_cluster(launcher: DictConfig) -> str | None:
+    """Joining a running cluster (``ray.init.address`` auto or host:port): connect now, as the launcher would
+    (it then finds Ray running and uses this connection), and return one line when no job can run there:
+    no cluster at that address, or jobs asking for more GPUs or CPUs than any one node has, which Ray
+    would otherwise keep pending forever without a word (a ``ray start`` cluster of CPUs and the preset's
+    one GPU a job). None when the jobs fit."""
+    import ray
+
+    try:
+        ray.init(**OmegaConf.to_container(launcher.ray.init, resolve=True))
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        address = launcher.ray.init.get("address")
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (
+            f"hydra.launcher.ray.init.address={address}: no Ray cluster joined ({first[:200]}); start one with "
+            "`ray start --head` (then `ray start --address=HEAD:6379` on the other nodes), or name it with "
+            "hydra.launcher.ray.init.address=HOST:PORT"
+        )
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    remote = launcher.ray.remote
+    for key, asked in (("GPU", remote.get("num_gpus") or 0), ("CPU", remote.get("num_cpus") or 0)):
+        most = max((r.get(key, 0) for r in nodes), default=0)
+        if asked > most:
+            name = f"hydra.launcher.ray.remote.num_{key.lower()}s"
+            fix = f"{name}=0 for a cluster without GPUs" if key == "GPU" and not most else f"{name}<={most:g}"
+            return (
+                f"{name}={asked:g}: no node of the Ray cluster has {asked:g} {key}s (the most on one node: "
+                f"{most:g}), so no job would ever start; use {fix}"
+            )
+    return None
+
+
 def running_jobs(sweep_dir: Path, since: float) -> int:
     """Jobs of this sweep whose records say running, written since ``since`` (older ones were left
     running by an interrupted earlier invocation)."""
@@ -324,6 +356,10 @@ class RaySweep(Callback):
                     file=sys.stderr,
                 )
                 sys.exit(2)
+        problem = None if local else join_cluster(launcher)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         check_worker_gpus()
