@@ -255,10 +255,33 @@ _HELD: dict[str, int] = {}  # run directory -> file descriptor of its held lock 
 
 
 def _launcher_id() -> str:
-    from peftlab import launcher_process
-
     pid, started = launcher_process()
     return f"{platform.node()} {pid} {started:.3f}"
+
+
+_LAUNCHER: list[tuple[int, float]] = []
+
+
+def launcher_process() -> tuple[int, float]:
+    """(pid, start time) of the process that launched this run: the launcher when this process is one
+    rank of several (accelerate launch, torchrun and deepspeed start every rank of a machine as
+    children of one process), else this process. The same in every rank of a machine, so
+    ``hydra.run.dir`` names (and claims) one directory for all of them."""
+    if not _LAUNCHER:
+        pid, started = os.getpid(), time.time()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import psutil
+
+            parent = psutil.Process().parent()
+            if parent is not None:
+                pid, started = parent.pid, parent.create_time()
+        _LAUNCHER.append((pid, started))
+    return _LAUNCHER[0]
+
+
+def launch_started() -> float:
+    """When this run was launched (see :func:`launcher_process`)."""
+    return launcher_process()[1]
 
 
 def claim_dir(path: str) -> str:
