@@ -71,6 +71,24 @@ BAD = [
         None,
         "train.head_only_epochs=1 needs a classification head",
     ),
+    # objective=contrastive (issue 18): mean-pooled embeddings, and its own head phase
+    (
+        ["model=tiny_bert", "objective=contrastive"],
+        None,
+        "objective=contrastive trains mean-pooled embeddings, which the head must read: model.pooling=cls "
+        "feeds it the first token; use model.pooling=mean",
+    ),
+    (
+        ["model=tiny_bert", "model.pooling=mean", "objective=contrastive", "train.head_only_epochs=1"],
+        None,
+        "train.head_only_epochs=1 does not apply to objective=contrastive",
+    ),
+    (
+        ["model=tiny_bert", "model.pooling=mean", "objective=contrastive", "objective.num_iterations=0"],
+        None,
+        "objective.num_iterations=0 must be a whole number >= 1",
+    ),
+    (["objective.name=setfit"], None, "objective=setfit must be one of cross_entropy, contrastive"),
     (["train.tf32=yes"], None, "train.tf32=yes must be true or false"),
     (["train.gradient_checkpointing=1"], None, "train.gradient_checkpointing=1 must be true or false"),
     (["eval.split=train"], None, "eval.split=train must be test, validation or kfold"),

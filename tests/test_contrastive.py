@@ -3,6 +3,9 @@ two-phase schedule, label-name heads, and a step through a real DeepSpeed ZeRO-3
 
 from __future__ import annotations
 
+import json
+import math
+import signal
 from collections import Counter
 
 import pytest
@@ -13,6 +16,7 @@ from peftlab import contrastive, data, modeling
 from peftlab.config import ConfigError, peft_method
 
 from .conftest import make_cfg
+from .test_determinism import comparable
 
 
 def _model(cfg, names, tok):
@@ -242,3 +246,81 @@ def test_the_loss_trains_through_a_deepspeed_zero3_engine(tmp_path, tiny_data):
             assert torch.allclose(head.weight, weight)
     finally:
         reset_state()
+
+
+# tiny_bert on the conftest rows (16 training rows), 1 round of pairs: 32 pairs in batches of 2 make 16
+# optimizer steps of the contrastive phase, then 2 head epochs of 8 steps each
+RUN = [
+    "model=tiny_bert",
+    "model.pooling=mean",
+    "objective=contrastive",
+    "objective.num_iterations=1",
+    "train.batch_size=2",
+    "logger=null",
+]
+
+
+def test_a_contrastive_run_trains_the_body_on_pairs_then_the_head_from_label_names(tmp_path, tiny_data):
+    """A real run (experiment.run, as python run.py): the loss curve covers the pair phase and the head phase;
+    the head starts from the label names' embeddings under the body the pair phase left (label_init at the
+    head phase's start, not the run's: the body moved in between) and, at a head learning rate of 1e-9, ends
+    there: the body stays frozen through the head phase."""
+    from peftlab.experiment import run
+
+    cfg = make_cfg(
+        tmp_path / "run",
+        *RUN,
+        "objective.label_init=true",
+        "objective.body_lr=1e-2",
+        "train.lr=1e-9",
+        data_dir=tiny_data,
+    )
+    metrics = run(cfg)
+    assert metrics["status"] == "finished", metrics["error"]
+    assert [e["steps"] for e in metrics["epochs"]] == [16, 8, 8]
+    assert [s for s, _ in metrics["loss_curve"]] == list(range(1, 33))
+    pair_loss, head_loss = metrics["epochs"][0]["loss"], metrics["epochs"][1]["loss"]
+    assert 0 < pair_loss < 1 and abs(head_loss - math.log(2)) < 0.1  # cosine MSE, then 2-label cross-entropy
+    model, tok, saved = modeling.load_trained(tmp_path / "run")
+    names = data.label_names(saved.dataset)
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    enc = tok(names, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        after = contrastive.embeddings(model, enc["input_ids"], enc["attention_mask"])
+        base = modeling.run_base_model(saved, tok.pad_token_id).eval()  # the body before the pair phase
+        before = contrastive.embeddings(base, enc["input_ids"], enc["attention_mask"])
+    expected = F.normalize(after, dim=-1) * 10 / after.norm(dim=-1).mean()  # init_head_from_names' rows
+    assert torch.allclose(head.weight, expected, atol=1e-5), (head.weight - expected).abs().max()
+    assert not head.bias.abs().gt(1e-5).any()
+    assert not torch.allclose(F.normalize(before, dim=-1), F.normalize(after, dim=-1), atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every", [3, 19], ids=["in-the-pair-phase", "in-the-head-phase"])
+def test_a_contrastive_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, tiny_data, every):
+    """SIGKILL after the first checkpoint (step 3: pair epoch 0, batch 3; step 19: head epoch 1, batch 3), then
+    resume=auto: the same metrics, loss curve and predictions as the run never stopped (the head is
+    initialised from the label names once, at the head phase's start, not again on a resume within it)."""
+    from .test_resume import finish, metrics, start, wait_for_checkpoint
+
+    args = [
+        *[a for a in RUN if a != "model=tiny_bert"],
+        "objective.label_init=true",
+        "train.epochs=2",
+        f"checkpoint.every_steps={every}",
+    ]
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    finish(reference, tiny_data, *args)
+    proc = start(run_dir, tiny_data, *args)
+    wait_for_checkpoint(run_dir, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert metrics(run_dir)["status"] == "running"
+    newest = max((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
+    state = json.loads((newest / "trainer_state.json").read_text())
+    assert state["batch"] > 0 and state["epoch"] == (0 if every == 3 else 1)
+    finish(run_dir, tiny_data, *args)
+    a, b = metrics(run_dir), metrics(reference)
+    assert a["status"] == "finished" and a["resumed_at_step"] == state["step"]
+    assert comparable(a) == comparable(b) and len(a["loss_curve"]) == 32
+    assert (run_dir / "predictions.csv").read_bytes() == (reference / "predictions.csv").read_bytes()

@@ -101,6 +101,58 @@ def test_mean_pooling_averages_the_tokens_and_ignores_padding(tmp_path, tiny_dat
     assert torch.allclose(alone, logits[:1], atol=1e-5)
 
 
+MPNET = [  # tiny_bert's shape as an MPNet (random weights): an encoder without a pooler
+    "model=tiny_bert",
+    "model.config._target_=transformers.MPNetConfig",
+    "model.target_modules=[q,v]",
+    "model.pooling=mean",
+]
+
+
+def test_mean_pooling_of_an_encoder_without_a_pooler_is_one_linear_layer_on_the_masked_mean(
+    tmp_path, tiny_data
+):
+    """MPNet's own head reads <s> through dense + tanh; model.pooling=mean puts one linear layer on the masked
+    mean in its place, and PEFT's trained copy of it (modules_to_save) still sees the encoder's mask."""
+    cfg, names, model, tok, rows = _setup(tmp_path, tiny_data, *MPNET)
+    modeling.check_pooling(cfg.model)  # accepted before any weights load
+    texts = [rows[0]["text"], rows[1]["text"] + " and then some more words to pad the first row"]
+    both = tok(texts, padding=True, return_tensors="pt")
+    mpnet = model.base_model.model.mpnet
+    assert type(mpnet).__name__ == "MPNetModel" and getattr(mpnet, "pooler", None) is None
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    assert type(head).__name__ == "MeanPoolLinear" and head.weight.shape == (len(names), 16)
+    model.eval()
+    with torch.no_grad():
+        logits = model(**both).logits
+        alone = model(**tok(texts[:1], return_tensors="pt")).logits
+        states = mpnet(**both).last_hidden_state
+    m = both["attention_mask"].unsqueeze(-1).float()
+    assert both["attention_mask"][0].sum() < both["attention_mask"].shape[1]  # the first row is padded
+    assert torch.allclose(
+        logits, torch.nn.functional.linear((states * m).sum(1) / m.sum(1), head.weight, head.bias), atol=1e-6
+    )
+    assert torch.allclose(alone, logits[:1], atol=1e-5)
+
+
+def test_mean_pooling_is_refused_for_a_head_on_a_pooled_vector(tmp_path):
+    """DistilBERT has no pooler and its classifier is a linear layer on an already pooled vector: nothing to replace."""
+    from peftlab.config import ConfigError
+
+    cfg = make_cfg(
+        tmp_path,
+        "model=tiny_bert",
+        "model.config._target_=transformers.DistilBertConfig",
+        "+model.config.dim=16",
+        "+model.config.n_layers=1",
+        "+model.config.n_heads=2",
+        "+model.config.hidden_dim=32",
+        "model.pooling=mean",
+    )
+    with pytest.raises(ConfigError, match="has neither: use model.pooling=cls"):
+        modeling.check_pooling(cfg.model)
+
+
 def test_head_first_schedule_holds_the_adapter_until_the_head_has_trained(tmp_path):
     cfg = make_cfg(tmp_path, "model=tiny_bert")
     model = build(cfg, 2)

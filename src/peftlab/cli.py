@@ -239,7 +239,7 @@ def composed_choices(cfg: DictConfig) -> str:
     """The composed choices, one group a line (a value that cannot be resolved shows as it is written)."""
     from omegaconf import OmegaConf
 
-    from peftlab.config import peft_method
+    from peftlab.config import objective_name, peft_method
 
     def show(node, keys) -> str:
         plain = OmegaConf.to_container(node, resolve=False)
@@ -279,6 +279,8 @@ def composed_choices(cfg: DictConfig) -> str:
         )
     except Exception:
         data_dir = "?"
+    objective = cfg.get("objective")  # its knobs beside its name (none for cross_entropy)
+    knobs = [str(k) for k in objective if k != "name"] if objective else []
     return "\n".join(
         [
             f"model     {m.name}: {m.task}, {source}"
@@ -292,6 +294,7 @@ def composed_choices(cfg: DictConfig) -> str:
             + f"; labels {dict(ds.labels)}",
             f"train     {show(cfg.train, ['epochs', 'lr', 'batch_size', 'grad_accum', 'mixed_precision', 'max_length'])} seed={cfg.seed}",
             f"eval      {show(cfg.eval, ['mode', 'split', 'select_on', 'metrics'])}",
+            f"objective {objective_name(cfg)}" + (f": {show(objective, knobs)}" if knobs else ""),
             f"launcher  {show(cfg.launcher, ['num_processes', 'num_machines'])}",
         ]
     )

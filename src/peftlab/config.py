@@ -67,6 +67,14 @@ SCHEMA: dict[str, dict[str, str]] = {
         "paths": ANY,
         "launcher": ANY,
         "checkpoint": ANY,
+        "objective": ANY,
+    },
+    "objective": {
+        "name": "str",
+        "num_iterations": "int",
+        "epochs": "int",
+        "body_lr": "number?",
+        "label_init": "bool",
     },
     "train": {
         "epochs": "int",
@@ -432,6 +440,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_paths(cfg)
     _validate_model(cfg)
     _validate_train(cfg)
+    _validate_objective(cfg)
     _validate_zero(cfg)
     _validate_peft(cfg)
     _validate_eval(cfg)
@@ -545,6 +554,53 @@ def _validate_train(cfg: DictConfig) -> None:
         )
     for key in ("gradient_checkpointing", "tf32"):
         _check(isinstance(t.get(key, False), bool), f"train.{key}={t.get(key)} must be true or false")
+
+
+OBJECTIVES = ("cross_entropy", "contrastive")
+
+
+def objective_name(cfg: DictConfig) -> str:
+    """The run's ``objective.name``; cross_entropy for a config from before conf/objective/ existed."""
+    o = cfg.get("objective")
+    return o.name if isinstance(o, DictConfig) else "cross_entropy"
+
+
+def check_objective(objective: str, task: str, pooling: str) -> None:
+    """``objective`` is known and the contrastive one (SetFit, arXiv:2209.11055) has what it needs: a
+    classification head (``model.task=seq_cls``) reading mean-pooled embeddings (``model.pooling=mean``).
+    Raises ConfigError naming the key and the fix."""
+    _check(objective in OBJECTIVES, f"objective={objective} must be one of {', '.join(OBJECTIVES)}")
+    if objective != "contrastive":
+        return
+    _check(
+        task == "seq_cls",
+        f"objective=contrastive trains sentence embeddings and a classification head: it needs "
+        f"model.task=seq_cls, this model is {task}; use objective=cross_entropy",
+    )
+    _check(
+        pooling == "mean",
+        "objective=contrastive trains mean-pooled embeddings, which the head must read: "
+        f"model.pooling={pooling} feeds it the first token; use model.pooling=mean",
+    )
+
+
+def _validate_objective(cfg: DictConfig) -> None:
+    name = objective_name(cfg)
+    check_objective(name, cfg.model.task, cfg.model.pooling)
+    if name != "contrastive":
+        return
+    o = cfg.objective
+    _positive_int(o.num_iterations, "objective.num_iterations")
+    _positive_int(o.epochs, "objective.epochs")
+    _check(
+        o.body_lr is None or o.body_lr > 0,
+        f"objective.body_lr={o.body_lr} must be a number > 0, or null for train.lr",
+    )
+    _check(
+        cfg.train.head_only_epochs == 0,
+        f"train.head_only_epochs={cfg.train.head_only_epochs} does not apply to objective=contrastive, whose "
+        f"head phase is train.epochs={cfg.train.epochs} after objective.epochs of pairs: use train.head_only_epochs=0",
+    )
 
 
 def _validate_devices(cfg: DictConfig) -> None:

@@ -34,10 +34,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from peftlab.config import ConfigError
+from peftlab.config import check_objective
 from peftlab.modeling import HEAD_NAMES
-
-OBJECTIVES = ("cross_entropy", "contrastive")
 
 
 class Pair(NamedTuple):
@@ -221,19 +219,7 @@ def _gathered(params):
 
 
 def check(objective: str, task: str, pooling: str) -> None:
-    """Before anything loads: ``objective`` is known and the contrastive one has what it needs. Raises
+    """Before anything loads: ``objective`` is known and the contrastive one has what it needs
+    (``config.check_objective``, which ``config.validate`` runs without importing torch). Raises
     ConfigError naming the key and the fix."""
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"objective={objective} must be one of {', '.join(OBJECTIVES)}")
-    if objective != "contrastive":
-        return
-    if task != "seq_cls":
-        raise ConfigError(
-            f"objective=contrastive trains sentence embeddings and a classification head: it needs "
-            f"model.task=seq_cls, this model is {task}; use objective=cross_entropy"
-        )
-    if pooling != "mean":
-        raise ConfigError(
-            "objective=contrastive trains mean-pooled embeddings, which the head must read: "
-            f"model.pooling={pooling} feeds it the first token; use model.pooling=mean"
-        )
+    check_objective(objective, task, pooling)

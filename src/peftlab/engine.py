@@ -20,12 +20,14 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from peftlab import contrastive
 from peftlab.data import IGNORE
 from peftlab.memory import StepClock, synchronize
 
@@ -122,6 +124,10 @@ class Parts:
         object  # an LR scheduler, stepped once per batch (Accelerate skips the batches of an accumulation)
     )
     loader: torch.utils.data.DataLoader  # ``train_loader``'s, prepared
+    # objective=contrastive: ``train_loader`` over ``contrastive.pair_features``, prepared, whose epochs come
+    # first; ``on_head_phase()`` is called as the first epoch of ``loader`` starts (objective.label_init)
+    pair_loader: torch.utils.data.DataLoader | None = None
+    on_head_phase: Callable[[], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,9 @@ class LoopSettings:
     """How the loop trains: ``epochs`` in all; ``task`` (seq_cls, seq2seq, causal_lm) picks the loss;
     gradients clipped to ``max_grad_norm`` (None or 0: not clipped); ``adalora``: AdaLoRA re-allocates ranks
     after each optimizer step; ``profile_steps`` > 0: that many batches of the second epoch run under the
-    torch profiler and its table (top operators by device, then host, time) goes to ``profile_to``."""
+    torch profiler and its table (top operators by device, then host, time) goes to ``profile_to``.
+    ``pair_epochs``: objective=contrastive's passes over ``Parts.pair_loader`` (SetFit's contrastive phase,
+    arXiv:2209.11055), the first of the ``epochs``; the rest go over ``Parts.loader``."""
 
     epochs: int
     task: str
@@ -137,6 +145,17 @@ class LoopSettings:
     adalora: bool = False
     profile_steps: int = 0
     profile_to: Path | None = None
+    pair_epochs: int = 0
+
+
+def _epoch_loader(parts: Parts, settings: LoopSettings, epoch: int):
+    """The loader of ``epoch``: the pair loader during the contrastive phase, else the rows' loader."""
+    return parts.pair_loader if epoch < settings.pair_epochs else parts.loader
+
+
+def _batches_before(parts: Parts, settings: LoopSettings, epoch: int) -> int:
+    """Batches (per process) of the epochs before ``epoch``: the progress bar's position."""
+    return sum(len(_epoch_loader(parts, settings, e)) for e in range(epoch))
 
 
 def _new_history() -> dict:
@@ -208,10 +227,9 @@ def train(
     saves at its interval and on SIGTERM/SIGINT; ``on_epoch(history)`` is called after each epoch.
     Raises Diverged (a NaN/inf loss) and Interrupted (a stop signal, after its checkpoint)."""
     state = state if state is not None else TrainState()
-    total = settings.epochs * len(parts.loader)
     bar = tqdm(
-        total=total,
-        initial=state.epoch * len(parts.loader) + state.batch,
+        total=_batches_before(parts, settings, settings.epochs),
+        initial=_batches_before(parts, settings, state.epoch) + state.batch,
         desc="train",
         disable=not accelerator.is_main_process,
         dynamic_ncols=True,
@@ -237,8 +255,11 @@ def _train_epoch(
     """One epoch, from batch ``state.batch`` on; ``state`` then stands at the next epoch."""
     parts.model.train()
     clock, skip = StepClock(), state.batch
-    parts.loader.set_epoch(state.epoch)
-    batches = accelerator.skip_first_batches(parts.loader, skip) if skip else parts.loader
+    loader = _epoch_loader(parts, settings, state.epoch)
+    if state.epoch == settings.pair_epochs > 0 and not skip and parts.on_head_phase is not None:
+        parts.on_head_phase()  # not on a resume within the head phase: the checkpoint holds the head as it was
+    loader.set_epoch(state.epoch)
+    batches = accelerator.skip_first_batches(loader, skip) if skip else loader
     profiling = settings.profile_steps and state.epoch == min(1, settings.epochs - 1) and not skip
     profiler = _profiler() if profiling else None
     clock.tick()
@@ -261,7 +282,7 @@ def _train_epoch(
         if state.step == 1:
             synchronize()
             state.history["first_step_at"] = time.time()
-        if state.batch < len(parts.loader):  # mid-epoch; the epoch's last step is handled below
+        if state.batch < len(loader):  # mid-epoch; the epoch's last step is handled below
             _checkpoint_if_due(accelerator, checkpointer, state)
     if profiler is not None:
         _write_profile(profiler, settings.profile_to)
@@ -275,10 +296,14 @@ def _train_epoch(
 
 def _step(accelerator, parts: Parts, settings: LoopSettings, batch: dict, step: int) -> torch.Tensor:
     """Forward and backward on ``batch``; at the end of an accumulation also clipping, the optimizer step
-    (AdaLoRA's rank re-allocation after optimizer step ``step``) and the scheduler step. The loss, on the device."""
+    (AdaLoRA's rank re-allocation after optimizer step ``step``) and the scheduler step. The loss, on the device:
+    ``contrastive.loss`` for a batch of pairs (it holds ``similarity``), else the task's ``training_loss``."""
     model = parts.model
     with accelerator.accumulate(model):
-        loss = training_loss(model, batch, settings.task)
+        if "similarity" in batch:
+            loss = contrastive.loss(model, batch)
+        else:
+            loss = training_loss(model, batch, settings.task)
         accelerator.backward(loss)
         if accelerator.sync_gradients and settings.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)

@@ -24,7 +24,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from transformers import get_linear_schedule_with_warmup
 
-from peftlab import checkpoint, data, distributed, engine, modeling
+from peftlab import checkpoint, contrastive, data, distributed, engine, modeling
+from peftlab.config import ConfigError, objective_name
 from peftlab.distributed import is_zero3, used_deepspeed_config
 from peftlab.memory import PhaseMeter
 from peftlab.metrics import classification_figures
@@ -86,10 +87,17 @@ def fit(cfg: DictConfig, base: Base, job: Job, meter: PhaseMeter, run_dir: Path,
         if base.method == "adalora":
             modeling.check_adalora_schedule(cfg.peft, cfg.train, len(train_feats), n)
         total = modeling.optimizer_steps(len(train_feats), cfg.train, n)
-        model = _setup_model(cfg, base, total)
+        pair_dl, body_steps = _setup_pairs(cfg, base, train_feats, n)
+        model = _setup_model(cfg, base, body_steps + total)
         distributed.note_cpu_adam_build(cfg.optimizer.get("_target_"))
-        optimizer, scheduler = _setup_optimizer(model, cfg.optimizer, cfg.train, total, n)
-        model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
+        if pair_dl is None:
+            optimizer, scheduler = _setup_optimizer(model, cfg.optimizer, cfg.train, total, n)
+            model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
+        else:
+            optimizer, scheduler = _setup_two_phase(model, cfg, body_steps, total, n)
+            model, optimizer, train_dl, pair_dl, scheduler = accelerator.prepare(
+                model, optimizer, train_dl, pair_dl, scheduler
+            )
         eval_dls = {mode: accelerator.prepare(dl) for mode, dl in eval_dls.items()}
         # each rank's share of the parameters (a collective)
         partitions = distributed.zero3_partitions(accelerator, model)
@@ -98,16 +106,22 @@ def fit(cfg: DictConfig, base: Base, job: Job, meter: PhaseMeter, run_dir: Path,
         checkpointer, state = _setup_checkpoints(accelerator, run_dir, cfg.checkpoint, job)
     with meter.phase("train"):
         settings = engine.LoopSettings(
-            cfg.train.epochs,
+            cfg.train.epochs + (cfg.objective.epochs if pair_dl is not None else 0),
             task,
             cfg.train.max_grad_norm,
             adalora=base.method == "adalora",
             profile_steps=cfg.train.profile_steps if job.track else 0,
             profile_to=run_dir / "profile.txt",
+            pair_epochs=cfg.objective.epochs if pair_dl is not None else 0,
         )
+        label_init = None  # objective.label_init: the head from the label names, as the head phase starts
+        if pair_dl is not None and cfg.objective.label_init:
+            label_init = lambda: contrastive.init_head_from_names(  # noqa: E731
+                model, base.tokenizer, names, device=accelerator.device
+            )
         history = engine.train(
             accelerator,
-            engine.Parts(model, optimizer, scheduler, train_dl),
+            engine.Parts(model, optimizer, scheduler, train_dl, pair_dl, label_init),
             settings,
             state,
             checkpointer,
@@ -132,7 +146,7 @@ def fit(cfg: DictConfig, base: Base, job: Job, meter: PhaseMeter, run_dir: Path,
     # Nothing of this training may outlive it (the next fold; the next job of a sweep): this frame lets go of it
     # first, so that free_memory()'s gc.collect() frees it now; free_memory() also destroys the DeepSpeed engine
     # (its hooks), empties Accelerate's lists and the CUDA cache.
-    model = optimizer = scheduler = train_dl = eval_dls = extra_dl = checkpointer = None
+    model = optimizer = scheduler = train_dl = pair_dl = eval_dls = extra_dl = checkpointer = None
     accelerator.free_memory()
     return result
 
@@ -163,6 +177,7 @@ def hyperparameters(cfg: DictConfig, method: str) -> dict:
         "model": cfg.model.name,
         "peft": method,
         "zero": cfg.zero.name,
+        "objective": objective_name(cfg),
         "seed": cfg.seed,
         **{f"train.{k}": v for k, v in cfg.train.items()},
         **{
@@ -221,6 +236,42 @@ def _setup_optimizer(model, optimizer_cfg: DictConfig, train: DictConfig, total:
         modeling.head_first_schedule(optimizer, warmup * n, total * n, head_steps * n)
         if head_steps
         else get_linear_schedule_with_warmup(optimizer, warmup * n, total * n)
+    )
+    return optimizer, scheduler
+
+
+def _setup_pairs(cfg: DictConfig, base: Base, train_feats: list[dict], num_processes: int):
+    """objective=contrastive: (the pair loader, its optimizer steps over ``objective.epochs``), SetFit's
+    ``objective.num_iterations`` positive and negative partners per training row (arXiv:2209.11055,
+    ``contrastive.pairs``) in batches of ``train.batch_size`` pairs; else (None, 0). Raises ConfigError (one
+    line) where the rows leave a row without a partner (a label with one row, or a single label)."""
+    if objective_name(cfg) != "contrastive":
+        return None, 0
+    o = cfg.objective
+    try:
+        pair_feats = contrastive.pair_features(train_feats, o.num_iterations, cfg.seed)
+    except ValueError as e:
+        raise ConfigError(
+            f"objective=contrastive cannot pair these {len(train_feats)} training rows ({e}); "
+            "use objective=cross_entropy"
+        ) from None
+    pad_id = base.tokenizer.pad_token_id
+    loader = engine.train_loader(pair_feats, contrastive.PairCollator(pad_id), cfg.train.batch_size, cfg.seed)
+    per_epoch = modeling.optimizer_steps(len(pair_feats), cfg.train, num_processes) // cfg.train.epochs
+    return loader, per_epoch * o.epochs
+
+
+def _setup_two_phase(model, cfg: DictConfig, body_steps: int, head_steps: int, num_processes: int):
+    """objective=contrastive: (optimizer, scheduler) over the head's and the body's parameter groups
+    (``modeling.parameter_groups``; the body at ``objective.body_lr`` when set), the body trained for
+    ``body_steps`` optimizer steps, then the head alone for ``head_steps`` (``contrastive.two_phase_schedule``)."""
+    groups = modeling.parameter_groups(model)
+    if cfg.objective.body_lr is not None:
+        groups[1]["lr"] = cfg.objective.body_lr
+    optimizer = instantiate(cfg.optimizer, groups)
+    n = num_processes  # Accelerate steps a non-DeepSpeed scheduler once per process per step
+    scheduler = contrastive.two_phase_schedule(
+        optimizer, body_steps * n, head_steps * n, cfg.train.warmup_ratio
     )
     return optimizer, scheduler
 

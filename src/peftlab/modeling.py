@@ -138,20 +138,73 @@ def check_pooling(m: DictConfig) -> None:
         skeleton = AutoModelForSequenceClassification.from_config(
             config, trust_remote_code=m.trust_remote_code
         )
-    if not isinstance(getattr(skeleton.base_model, "pooler", None), torch.nn.Module):
+    if not isinstance(getattr(skeleton.base_model, "pooler", None), torch.nn.Module) and not _reads_states(
+        skeleton
+    ):
         raise ConfigError(
-            f"model.pooling=mean needs an encoder with a pooler (BERT family); model={m.name} "
-            f"({type(skeleton).__name__}) has none: use model.pooling=cls"
+            f"model.pooling=mean needs an encoder with a pooler (BERT family) or a classifier head on the token "
+            f"states (MPNet, RoBERTa); model={m.name} ({type(skeleton).__name__}) has neither: use model.pooling=cls"
         )
 
 
+def _reads_states(model) -> bool:
+    """Whether ``model.classifier`` is a head module on the token states [N, L, H] (MPNet's, RoBERTa's: the
+    first token, dense + tanh, a projection), not a linear layer on a pooled vector (DistilBERT's)."""
+    head = getattr(model, "classifier", None)
+    return isinstance(head, torch.nn.Module) and not isinstance(head, torch.nn.Linear)
+
+
+class _SharedMask:
+    """The encoder's attention mask [N, L] (or None), one object for a :class:`MeanPoolLinear` and PEFT's
+    trained copy of it: ``modules_to_save`` deep-copies the head, and a copy of this would never be written."""
+
+    mask: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class MeanPoolLinear(torch.nn.Linear):
+    """``model.pooling=mean`` for a classifier that reads the token states itself (MPNet, RoBERTa: the first
+    token through dense + tanh, then a projection): in its place one linear layer on the masked mean of the
+    token states, dropout before it, as BERT's classifier reads :class:`MeanPooler`'s mean.
+
+    Input: the encoder's last hidden states [N, L, H]; output: logits [N, num_labels]. The mask reaches it
+    through a pre-hook on the encoder (``use_mean_pooling``); without one every position counts."""
+
+    def __init__(self, hidden: int, num_labels: int, dropout: float):
+        super().__init__(hidden, num_labels)
+        self.dropout, self.shared = torch.nn.Dropout(dropout), _SharedMask()
+
+    def forward(self, states: torch.Tensor, **kwargs) -> torch.Tensor:
+        mask = self.shared.mask if self.shared.mask is not None else states.new_ones(states.shape[:2])
+        mask = mask.unsqueeze(-1).to(states.dtype)
+        return super().forward(self.dropout((states * mask).sum(1) / mask.sum(1).clamp(min=1.0)))
+
+
 def use_mean_pooling(model) -> None:
-    """``model.pooling=mean``: the classifier reads the masked mean of the token states."""
+    """``model.pooling=mean``: the classifier reads the masked mean of the token states (how
+    sentence-transformers pools all-MiniLM-L6-v2 and all-mpnet-base-v2). An encoder with a pooler (BERT)
+    gets :class:`MeanPooler` in its place, under its own classifier; one without (MPNet, RoBERTa) gets a
+    :class:`MeanPoolLinear` for its ``classifier``, drawn as the model draws its linear layers."""
     encoder = model.base_model
-    pooler = encoder.pooler = MeanPooler()
+    if isinstance(getattr(encoder, "pooler", None), torch.nn.Module):
+        pooler = encoder.pooler = MeanPooler()
+        keep = lambda mask: setattr(pooler, "mask", mask)  # noqa: E731
+    elif _reads_states(model):
+        c = model.config
+        head = MeanPoolLinear(c.hidden_size, c.num_labels, getattr(c, "hidden_dropout_prob", 0.0))
+        if hasattr(model, "_init_weights"):
+            model._init_weights(head)
+        model.classifier = head
+        keep = lambda mask: setattr(head.shared, "mask", mask)  # noqa: E731
+    else:
+        raise ValueError(
+            f"model.pooling=mean: {type(model).__name__} has neither a pooler nor a head on the states"
+        )
 
     def keep_mask(module, args, kwargs):
-        pooler.mask = (
+        keep(
             kwargs["attention_mask"]
             if kwargs.get("attention_mask") is not None
             else (args[1] if len(args) > 1 else None)
