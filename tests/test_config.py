@@ -16,7 +16,7 @@ from .conftest import CONF, make_cfg
 
 GROUPS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-    for group in ("model", "peft", "zero", "dataset")
+    for group in ("model", "peft", "zero", "dataset", "objective")
 }
 OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options]
 
@@ -54,6 +54,8 @@ def test_every_option_composes_and_validates(tmp_path, group, option):
     extra = ["zero.offload_param_nvme_path=" + str(tmp_path)] if option == "stage3_nvme" else []
     if option == "prefix_tuning":  # the default model (BERT) takes no past key values
         extra.append("model=tiny_bart")
+    if option == "contrastive":  # trains mean-pooled embeddings: the head must read them
+        extra.append("model.pooling=mean")
     cfg = make_cfg(tmp_path, f"{group}={option}", *extra)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert resolved[group] or (group, option) == ("peft", "none")

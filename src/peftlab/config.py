@@ -17,15 +17,13 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from peftlab.errors import ConfigError  # raised here; its home is below config and metrics
+
 TASKS = ("seq_cls", "seq2seq", "causal_lm")
 GENERATIVE = ("seq2seq", "causal_lm")
 PEFT_TASK_TYPES = {"seq_cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM", "causal_lm": "CAUSAL_LM"}
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 PRECISIONS = ("no", "bf16", "fp16")
-
-
-class ConfigError(ValueError):
-    """A bad config value or input file; the message names the key or file and the fix."""
 
 
 def peft_method(cfg: DictConfig) -> str:
@@ -688,7 +686,7 @@ def _validate_peft(cfg: DictConfig) -> None:
             bool(p.target_modules),
             f"peft.target_modules is empty: list the model's module names in conf/model/{cfg.model.name}.yaml",
         )
-    if method in cfg.model.get("unsupported_peft", []):
+    if method in cfg.model.unsupported_peft:
         raise ConfigError(
             f"peft={method} does not work with model={cfg.model.name} (see unsupported_peft in conf/model/{cfg.model.name}.yaml): "
             "choose another method, e.g. peft=lora or peft=prompt_tuning"

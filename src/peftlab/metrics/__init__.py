@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from peftlab.config import ConfigError
+from peftlab.errors import ConfigError
 
 DEFAULTS = ("accuracy", "macro_f1")
 MODULES = Path(__file__).with_name("modules")
