@@ -40,13 +40,18 @@ def write_rows(frame: pd.DataFrame, path) -> None:
         ("tiny_bart", "lora", "csv"),
         ("tiny_gpt", "prompt_tuning", "parquet"),
         ("tiny_bert", "none", "jsonl"),
+        (
+            "tiny_bert model.pooling=mean",
+            "none",
+            "csv",
+        ),  # the whole model saved, its head on mean-pooled states
     ],
 )
 def test_predict_classifies_the_rows_of_a_new_file(tmp_path, tiny_data, capsys, model, peft, fmt):
     """The run's test rows, without their labels, as a new file: each gets the run's own prediction, and label
     probabilities that are its log-likelihoods in predictions.csv normalized over the labels."""
     run_dir = tmp_path / "run"
-    metrics = run(make_cfg(run_dir, f"model={model}", f"peft={peft}", data_dir=tiny_data, epochs=2))
+    metrics = run(make_cfg(run_dir, *f"model={model}".split(), f"peft={peft}", data_dir=tiny_data, epochs=2))
     assert metrics["status"] == "finished", metrics.get("error")
     rows = pd.read_csv(tiny_data / "test.csv", dtype=str).drop(columns=["Label"])
     new = tmp_path / f"new.{fmt}"

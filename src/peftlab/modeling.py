@@ -363,7 +363,14 @@ def load_trained(run_dir: str | Path, device: str = "cpu"):
     run_dir = Path(run_dir)
     cfg = OmegaConf.load(run_dir / "config.yaml")
     tok = load_tokenizer(cfg.model)
-    if peft_method(cfg) == "none":
+    if peft_method(cfg) == "none" and wants_mean_pooling(cfg.model):
+        # the trained head reads mean-pooled states (for MPNet it is not even the model class's own module):
+        # rebuild the run's architecture, then load every saved weight into it (one file or shards)
+        from accelerate.utils import load_checkpoint_in_model
+
+        model = run_base_model(cfg, tok.pad_token_id)
+        load_checkpoint_in_model(model, str(run_dir / "model"), strict=True)
+    elif peft_method(cfg) == "none":
         model = AUTO_CLASSES[cfg.model.task].from_pretrained(run_dir / "model", use_safetensors=True)
     else:
         model = PeftModel.from_pretrained(run_base_model(cfg, tok.pad_token_id), run_dir / "adapter")
