@@ -624,6 +624,7 @@ SWEEP_COLUMNS = [
     ("eval_s", "eval s (median)"),
     ("records", "records"),
     ("same_predictions", "same predictions as basic"),
+    ("max_logp_gap", "max |log-likelihood gap| to basic"),
 ]
 SWEEP_FORMATS = {
     "wall_s": "{:.1f}",
@@ -635,6 +636,7 @@ SWEEP_FORMATS = {
     "time_to_first_step_s": "{:.1f}",
     "startup_share": "{:.0%}",
     "eval_s": "{:.2f}",
+    "max_logp_gap": "{:.2g}",
 }
 
 
@@ -766,13 +768,28 @@ class GpuMemory:
             self._thread.join()
 
 
-def predictions(path: Path) -> list[str] | None:
-    """The ``prediction`` column of a job's predictions.csv (None without the file)."""
+def predictions(path: Path) -> tuple[list[str] | None, list[list[float]] | None]:
+    """The ``prediction`` column of a job's predictions.csv and its rows' ``logp_<label>`` log-likelihoods
+    (None without the file; the second None without logp columns, e.g. generate mode)."""
     try:
         with open(path, newline="") as f:
-            return [row["prediction"] for row in csv.DictReader(f)]
+            rows = list(csv.DictReader(f))
+        labels = [row["prediction"] for row in rows]
     except (OSError, KeyError):
+        return None, None
+    columns = [c for c in (rows[0] if rows else {}) if c.startswith("logp_")]
+    try:
+        logps = [[float(row[c]) for c in columns] for row in rows] if columns else None
+    except ValueError:
+        logps = None
+    return labels, logps
+
+
+def max_logp_gap(ours: list[list[float]] | None, theirs: list[list[float]] | None) -> float | None:
+    """The largest |difference| between two jobs' log-likelihoods of the same rows and labels (None if either lacks them)."""
+    if not ours or not theirs or len(ours) != len(theirs):
         return None
+    return max(abs(a - b) for x, y in zip(ours, theirs) for a, b in zip(x, y))
 
 
 def sweep_job(job_dir: Path) -> dict:
@@ -784,7 +801,7 @@ def sweep_job(job_dir: Path) -> dict:
     ends = [p.get("end_time") for p in phases.values() if isinstance(p, dict) and p.get("end_time")]
     train_start, ttfs = _get(phases, "train", "start_time"), figures["time_to_first_step_s"]
     span = round(ttfs + max(ends) - train_start, 2) if ends and train_start and ttfs is not None else None
-    labels = predictions(job_dir / "predictions.csv")
+    labels, logps = predictions(job_dir / "predictions.csv")
     return {
         "job": int(job_dir.name),
         "status": metrics.get("status", "missing"),
@@ -799,6 +816,7 @@ def sweep_job(job_dir: Path) -> dict:
         "eval_s": _get(phases, "eval", "wall_s"),
         "startup_share": round(ttfs / span, 4) if span else None,
         "labels": labels,
+        "logps": logps,
     }
 
 
@@ -862,6 +880,7 @@ def sweep_row(
         },
         "records": records,
         "same_predictions": None,
+        "max_logp_gap": None,
         "log": str(out / f"{name}.log"),
         "sweep": read_json(sweep_dir / "sweep.json"),
         "jobs_detail": jobs,
@@ -887,16 +906,19 @@ def compare_rows(rows: list[dict]) -> list[dict]:
         if basic is None or r is basic or r["kind"] == "pairs":
             continue
         r["ratio_to_basic"] = round(r["wall_s"] / basic["wall_s"], 3) if basic["wall_s"] else None
-        theirs = {j["job"]: j["labels"] for j in basic["jobs_detail"]}
+        theirs = {j["job"]: j for j in basic["jobs_detail"]}
         r["same_predictions"] = (
-            f"{sum(j['labels'] is not None and j['labels'] == theirs.get(j['job']) for j in r['jobs_detail'])}"
+            f"{sum(j['labels'] is not None and j['labels'] == theirs.get(j['job'], {}).get('labels') for j in r['jobs_detail'])}"
             f"/{len(r['jobs_detail'])}"
         )
+        gaps = [max_logp_gap(j["logps"], theirs.get(j["job"], {}).get("logps")) for j in r["jobs_detail"]]
+        r["max_logp_gap"] = max(gaps) if gaps and None not in gaps else None
     if basic is not None:
         basic["ratio_to_basic"] = 1.0
     for r in rows:
         for j in r["jobs_detail"]:
             j.pop("labels", None)
+            j.pop("logps", None)
     return rows
 
 

@@ -258,7 +258,9 @@ def test_sweep_rows_run_the_same_sweep_under_each_launcher(tmp_path):
     )  # the preset's: num_processes GPUs
 
 
-def write_job(job_dir, status="finished", rows=3, n_eval=3, ttfs=4.0, s_per_step=0.2, labels="complaint"):
+def write_job(
+    job_dir, status="finished", rows=3, n_eval=3, ttfs=4.0, s_per_step=0.2, labels="complaint", logp_shift=0.0
+):
     job_dir.mkdir(parents=True)
     phases = {
         "setup": {"start_time": 100.0, "end_time": 101.0, "wall_s": 1.0},
@@ -282,7 +284,8 @@ def write_job(job_dir, status="finished", rows=3, n_eval=3, ttfs=4.0, s_per_step
         )
     )
     (job_dir / "predictions.csv").write_text(
-        "id,prediction\n" + "".join(f"{i},{labels}\n" for i in range(rows))
+        "id,prediction,logp_complaint,logp_no complaint\n"
+        + "".join(f"{i},{labels},{-0.5 - logp_shift:.5f},-1.0\n" for i in range(rows))
     )
 
 
@@ -312,9 +315,17 @@ def test_sweep_job_figures_and_the_records_check(tmp_path):
 
 
 def test_rows_compare_with_the_basic_launchers_wall_time_and_predictions(tmp_path):
-    for row, labels in (("basic", "complaint"), ("packed", "complaint"), ("fresh", "no complaint")):
+    for row, labels, shift in (
+        ("basic", "complaint", 0.0),
+        ("packed", "complaint", 4e-4),
+        ("fresh", "no complaint", 0.25),
+    ):
         for n in "01":
-            write_job(tmp_path / row / n, labels=labels if n == "1" else "complaint")
+            write_job(
+                tmp_path / row / n,
+                labels=labels if n == "1" else "complaint",
+                logp_shift=shift if n == "1" else 0.0,
+            )
 
     def row(kind, wall):
         jobs = [bench.sweep_job(tmp_path / kind / n) for n in "01"]
@@ -334,7 +345,10 @@ def test_rows_compare_with_the_basic_launchers_wall_time_and_predictions(tmp_pat
         (0.3, "2/2"),
         (0.5, "1/2"),
     ]
-    assert all("labels" not in j for r in rows for j in r["jobs_detail"])  # not into bench.json
+    assert [r.get("max_logp_gap") for r in rows] == [None, pytest.approx(4e-4), pytest.approx(0.25)]
+    assert all(
+        "labels" not in j and "logps" not in j for r in rows for j in r["jobs_detail"]
+    )  # not into bench.json
     md = bench.sweep_table(rows, "device: test")
     assert (
         "| row | GPUs | jobs | wall s | jobs/h | ratio to basic |" in md
@@ -396,6 +410,7 @@ def test_the_sweep_benchmark_runs_on_the_cpu(tmp_path):
         rows["packed_cpu"]["wall_s"] / rows["basic_cpu"]["wall_s"], abs=1e-3
     )
     assert rows["packed_cpu"]["same_predictions"] == "2/2"  # a packed job predicts what it predicts alone
+    assert rows["packed_cpu"]["max_logp_gap"] < 1e-3  # and scores its rows as it does alone
     md = (out / "bench.md").read_text()
     assert md.strip().splitlines()[-1] in proc.stdout and "| packed_cpu |" in md
     assert (out / "bench.png").stat().st_size > 1000
