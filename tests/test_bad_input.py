@@ -98,6 +98,7 @@ BAD = [
     (["train.mixed_precision=fp8"], None, "train.mixed_precision=fp8 must be one of"),
     (["train.mixed_precision=fp16"], None, "train.mixed_precision=fp16 needs a GPU"),
     (["eval.mixed_precision=fp16"], None, "eval.mixed_precision=fp16 must be no or bf16"),
+    (["eval.fold_repeats=0"], None, "eval.fold_repeats=0 must be a whole number >= 1"),
     (["model.task=regression"], None, "model.task=regression is not one of"),
     (["model.pretrained=./no/such/model"], None, "no such folder"),
     (

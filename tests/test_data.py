@@ -62,6 +62,20 @@ def test_folds_are_stratified():
         assert sum(r["label"] for r in fold) == 4 and len(fold) == 10
 
 
+def test_repeated_folds_hold_out_every_row_once_per_repeat_each_repeat_shuffled_anew():
+    rows = [{"id": str(i), "text": str(i), "label": int(i < 12)} for i in range(30)]
+    plan = data.kfold_plan(rows, 3, seed=1, repeats=3)
+    assert len(plan) == 9 and plan[:3] == data.kfold_plan(rows, 3, seed=1)  # repeat 0: the unrepeated plan
+    repeats = [plan[i : i + 3] for i in (0, 3, 6)]
+    for folds in repeats:
+        held = [r["id"] for _, out in folds for r in out]
+        assert sorted(held) == sorted(r["id"] for r in rows)  # every row once per repeat
+        assert all(sum(r["label"] for r in out) == 4 for _, out in folds)  # stratified
+        assert all(not {r["id"] for r in kept} & {r["id"] for r in out} for kept, out in folds)
+    first = [{r["id"] for r in out} for _, out in repeats[0]]
+    assert all([{r["id"] for r in out} for _, out in other] != first for other in repeats[1:])  # reshuffled
+
+
 @pytest.mark.parametrize("model", ["tiny_bert", "tiny_bart", "tiny_gpt"])
 def test_batches_for_every_purpose(tmp_path, tiny_data, model):
     cfg = make_cfg(tmp_path, f"model={model}", data_dir=tiny_data)

@@ -172,6 +172,25 @@ def test_kfold_evaluates_every_training_row_once(tmp_path, tiny_data):
     assert not (tmp_path / "adapter").exists()  # k models, none of them "the" result
 
 
+def test_repeated_kfold_pools_every_repeat(tmp_path, tiny_data):
+    """eval.fold_repeats=2: the 2 folds twice, reshuffled; each training row predicted once per repeat."""
+    cfg = make_cfg(
+        tmp_path,
+        "model=tiny_bert",
+        "eval.split=kfold",
+        "eval.folds=2",
+        "eval.fold_repeats=2",
+        data_dir=tiny_data,
+        epochs=1,
+    )
+    metrics = run(cfg)
+    assert metrics["final"]["n_eval"] == 32 and len(metrics["folds"]) == 4
+    rows = read_csv(tmp_path / "predictions.csv")
+    assert sorted(r["fold"] for r in rows) == ["0"] * 8 + ["1"] * 8 + ["2"] * 8 + ["3"] * 8
+    ids = [r["id"] for r in rows]
+    assert sorted(ids[:16]) == sorted(ids[16:]) and len(set(ids)) == 16
+
+
 def test_grad_accum_and_bf16_reach_the_engine(tmp_path, tiny_data):
     cfg = make_cfg(
         tmp_path,

@@ -329,7 +329,12 @@ def check_all(cfg: DictConfig, shared_dir_given: bool = False) -> str:
         for train_rows, eval_rows in plan:
             data.check_disjoint(train_rows, eval_rows)
         if cfg.eval.select_on == "validation" and plan_name != "kfold":
-            data.kfold_plan([r for r in splits["train"] if r["label"] >= 0], cfg.eval.folds, cfg.seed)
+            data.kfold_plan(
+                [r for r in splits["train"] if r["label"] >= 0],
+                cfg.eval.folds,
+                cfg.seed,
+                cfg.eval.fold_repeats,
+            )
         for message in data.doubts(cfg.dataset, splits, plan_name, plan, speak=False):
             print(f"warning: {message}", file=sys.stderr)
         quiet_libraries()

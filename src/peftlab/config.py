@@ -94,6 +94,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "split": "str",
         "val_fraction": "number",
         "folds": "int",
+        "fold_repeats": "int",
         "select_on": "str",
         "batch_size": "int",
         "max_new_tokens": "int",
@@ -734,6 +735,10 @@ def _validate_eval(cfg: DictConfig) -> None:
         )
     _check(0 < e.val_fraction < 1, f"eval.val_fraction={e.val_fraction} must be in (0, 1)")
     _check(isinstance(e.folds, int) and e.folds >= 2, f"eval.folds={e.folds} must be a whole number >= 2")
+    _check(
+        isinstance(e.fold_repeats, int) and e.fold_repeats >= 1,
+        f"eval.fold_repeats={e.fold_repeats} must be a whole number >= 1",
+    )
     _positive_int(e.batch_size, "eval.batch_size")
     _positive_int(e.max_new_tokens, "eval.max_new_tokens")
     _check(

@@ -429,17 +429,21 @@ def eval_plan(
             len(train),
         )
         return "validation", [(kept, held)]
-    return "kfold", kfold_plan(train, cfg.eval.folds, cfg.seed)
+    return "kfold", kfold_plan(train, cfg.eval.folds, cfg.seed, cfg.eval.fold_repeats)
 
 
-def kfold_plan(train: list[dict], k: int, seed: int) -> list[tuple[list[dict], list[dict]]]:
-    """k (train, held-out) pairs, stratified (StratifiedKFold); every row is held out exactly once."""
+def kfold_plan(train: list[dict], k: int, seed: int, repeats: int = 1) -> list[tuple[list[dict], list[dict]]]:
+    """k x ``repeats`` (train, held-out) pairs, stratified (StratifiedKFold); within each repeat every row is
+    held out exactly once, and repeat r shuffles with ``seed + r`` (repeat 0 is the unrepeated plan). Repeats
+    let a selection on a few dozen rows average over how the folds happened to fall (``eval.fold_repeats``)."""
     if k > len(train):
         raise ConfigError(
             f"eval.folds={k} is more than the {len(train)} labelled training rows allow; lower eval.folds"
         )
     return [
-        ([train[i] for i in kept], [train[i] for i in held]) for kept, held in _stratified(train, k, seed)
+        ([train[i] for i in kept], [train[i] for i in held])
+        for r in range(repeats)
+        for kept, held in _stratified(train, k, seed + r)
     ]
 
 

@@ -171,7 +171,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, resume_from) -> dict
             base,
             run_dir,
             splits,
-            ("kfold", data.kfold_plan(train, cfg.eval.folds, cfg.seed)),
+            ("kfold", data.kfold_plan(train, cfg.eval.folds, cfg.seed, cfg.eval.fold_repeats)),
             record,
             prefix="val_",
         )
