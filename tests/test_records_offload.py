@@ -80,3 +80,28 @@ def test_cpu_adam_build_is_announced_once_not_when_cached(tmp_path, monkeypatch,
             make_cfg(tmp_path, "zero=stage3_cpu").optimizer._target_
         )  # torch AdamW: nothing to build
     assert not [r for r in caplog.records if "CPU Adam" in r.getMessage()]
+
+
+def test_the_shared_memory_collectives_build_is_announced_once_not_when_cached(tmp_path, monkeypatch, caplog):
+    """DeepSpeed's CPU backend builds deepspeed_shm_comm whenever it starts (~1 min, silently): one line first."""
+    from deepspeed.accelerator import get_accelerator
+
+    from peftlab.distributed import note_shm_comm_build
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(type(builder), "_loaded_ops", {})  # as in a fresh process
+    folder = tmp_path / "ext" / builder.name
+
+    def notes():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="peftlab"):
+            note_shm_comm_build()
+        return [r.getMessage() for r in caplog.records if "shared-memory collectives" in r.getMessage()]
+
+    assert len(notes()) == 1 and f"cached in {folder} " in notes()[0]
+    (folder / f"{builder.name}.so").write_bytes(b"")
+    (folder / "build.ninja").write_text(
+        f"build shm.o: compile {builder.deepspeed_src_path(builder.sources()[0])}\n"
+    )
+    assert notes() == []  # this installation's build is cached

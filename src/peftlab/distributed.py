@@ -19,17 +19,15 @@ from accelerate.utils import DeepSpeedPlugin
 from omegaconf import DictConfig, OmegaConf
 
 
-def cpu_adam_build_dir() -> str | None:
-    """Where DeepSpeed's CPU Adam is about to be compiled (torch extensions' cache: ``TORCH_EXTENSIONS_DIR``,
-    else ~/.cache/torch_extensions/py<ver>_<cpu|cuXYZ>/cpu_adam), or None when no build is due: DeepSpeed
-    was installed with it prebuilt (DS_BUILD_CPU_ADAM=1), this process loaded it already, or the cache holds
-    a build from this DeepSpeed (a build.ninja naming another installation's sources, e.g. another
-    virtualenv's, makes torch build again)."""
+def op_build_dir(builder) -> str | None:
+    """Where DeepSpeed's op ``builder`` is about to be compiled (torch extensions' cache: ``TORCH_EXTENSIONS_DIR``,
+    else ~/.cache/torch_extensions/py<ver>_<cpu|cuXYZ>/<op>), or None when no build is due: DeepSpeed was
+    installed with it prebuilt (DS_BUILD_...=1), this process loaded it already, or the cache holds a build
+    from this DeepSpeed (a build.ninja naming another installation's sources, e.g. another virtualenv's,
+    makes torch build again)."""
     from deepspeed.git_version_info import installed_ops
-    from deepspeed.ops.op_builder import CPUAdamBuilder
     from torch.utils.cpp_extension import _get_build_directory
 
-    builder = CPUAdamBuilder()
     if installed_ops.get(builder.name) or builder.name in getattr(builder, "_loaded_ops", {}):
         return None
     folder = _get_build_directory(builder.name, verbose=False)
@@ -39,6 +37,34 @@ def cpu_adam_build_dir() -> str | None:
         if os.path.exists(os.path.join(folder, f"{builder.name}.so")) and source in open(ninja).read():
             return None
     return folder
+
+
+def cpu_adam_build_dir() -> str | None:
+    """:func:`op_build_dir` of DeepSpeed's CPU Adam."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    return op_build_dir(CPUAdamBuilder())
+
+
+def note_shm_comm_build() -> None:
+    """One line before DeepSpeed starts on the CPU where its shared-memory collectives (deepspeed_shm_comm,
+    which its CPU backend builds whenever it starts) are not built yet: the first ZeRO run on a machine, or
+    after switching virtualenvs, compiles C++ for about a minute, silently."""
+    if rank() != 0:
+        return
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    folder = op_build_dir(builder)
+    if folder is not None:
+        logging.getLogger("peftlab").info(
+            "DeepSpeed builds its CPU shared-memory collectives once (~1 min on 2 cores); cached in %s "
+            "for the next runs of this virtualenv",
+            folder,
+        )
 
 
 def note_cpu_adam_build(optimizer_target: str | None) -> None:
@@ -151,6 +177,8 @@ def make_accelerator(
         # leaves distributed_type NO (its MULTI_CPU branch is for cpu=True only), so nothing would be
         # distributed: no DDP, no gradient all-reduce, no barriers, evaluation gathered from rank 0 only.
         # DeepSpeed wants cpu=False (AcceleratorState turns DeepSpeed off under cpu=True).
+        if ds is not None:
+            note_shm_comm_build()
         PartialState(cpu=ds is None, backend="gloo")
     torch.backends.cuda.matmul.allow_tf32 = bool(train.tf32)  # per run: a sweep's jobs may differ
     accelerator = Accelerator(
