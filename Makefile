@@ -40,7 +40,7 @@ sweep: $(INSTALLED) ## a small r x alpha sweep on the tiny model (ARGS=... adds 
 compare: $(INSTALLED) ## compare the newest sweep (or DIRS=...)
 	$(BIN)/peftlab compare $(or $(DIRS),$(lastword $(sort $(wildcard multirun/*/*))))
 
-test: $(INSTALLED) lint ## lint, then the whole test suite (real DeepSpeed on the CPU; ~10 min on 2 cores)
+test: $(INSTALLED) lint ## lint, then the whole test suite (real DeepSpeed on the CPU; ~25 min on 2 shared cores)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(INSTALLED) ## the tests that train no model
