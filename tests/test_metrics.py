@@ -28,9 +28,9 @@ PRED = [0, 0, 1, 1, 1, 1, 0, 1]
 def fresh_cache(tmp_path, monkeypatch):
     """No module fetched before: evaluate's module cache is an empty folder."""
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
-    metrics.load_metrics.cache_clear()
+    metrics._load.cache_clear()
     yield
-    metrics.load_metrics.cache_clear()
+    metrics._load.cache_clear()
 
 
 def test_figures_match_a_hand_computation():

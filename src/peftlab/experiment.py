@@ -126,9 +126,7 @@ def _run(cfg: DictConfig, run_dir: Path, record: RunRecord, resume_from) -> dict
     for train_rows, eval_rows in plan:
         data.check_disjoint(train_rows, eval_rows)
     warnings = data.doubts(cfg.dataset, splits, plan_name, plan, speak=is_main_process())
-    metrics.load_metrics(
-        tuple(cfg.eval.metrics), len(data.label_names(cfg.dataset))
-    )  # one unable to score: now
+    metrics.load_metrics(cfg.eval.metrics, len(data.label_names(cfg.dataset)))  # one unable to score: now
     # every split tokenized once here (cached for the training and evaluation lists): a prompt that leaves
     # no room for the text fails before any model loads, and the rows whose text was cut are counted
     names, tokenizer, method = (

@@ -109,16 +109,21 @@ def check_names(metrics: Iterable[str] | None) -> None:
             )
 
 
-@functools.lru_cache(maxsize=8)
-def load_metrics(metrics: tuple[str, ...], num_labels: int):
+def load_metrics(metrics: Iterable[str] | None, num_labels: int):
     """``evaluate.combine`` of ``wanted(metrics)``, loaded and tried on ``num_labels`` labels (one row
     each), so that a metric which cannot load or cannot score this task (``f1``'s binary default on
-    three labels) raises ConfigError now, before training, not after. Cached per process."""
-    check_names(metrics)
+    three labels) raises ConfigError now, before training, not after. Cached per process, by the
+    metrics ``wanted`` makes of ``metrics`` (the run's early load and each evaluation share one)."""
+    return _load(wanted(metrics), num_labels)
+
+
+@functools.lru_cache(maxsize=8)
+def _load(names: tuple[str, ...], num_labels: int):
+    check_names(names)
     import evaluate
 
     modules = []
-    for name in wanted(metrics):
+    for name in names:
         source = str(SHIPPED[name]) if name in SHIPPED else str(_local_script(name) or name)
         try:
             modules.append(evaluate.load(source, keep_in_memory=True))
@@ -133,7 +138,7 @@ def load_metrics(metrics: tuple[str, ...], num_labels: int):
         combined.result_keys = list(combined.compute(predictions=labels, references=labels))
     except Exception as e:
         raise ConfigError(
-            f"eval.metrics: one of {', '.join(wanted(metrics))} cannot score {num_labels} labels "
+            f"eval.metrics: one of {', '.join(names)} cannot score {num_labels} labels "
             f"({_first_line(e)}); drop it or give a module that takes label indices"
         ) from None
     return combined
@@ -165,7 +170,7 @@ def classification_figures(
     metric is None. ConfigError as ``load_metrics``."""
     from sklearn.metrics import confusion_matrix
 
-    combined = load_metrics(wanted(metrics), len(names))
+    combined = load_metrics(metrics, len(names))
     if gold:
         scores = {
             key: _plain(value) for key, value in combined.compute(predictions=pred, references=gold).items()
