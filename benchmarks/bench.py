@@ -707,11 +707,11 @@ def sweep_overrides(
 
 
 def job_count(overrides: list[str]) -> int:
-    """How many jobs ``run.py -m`` makes of ``overrides`` (Hydra's own parser: ``a=1,2``, ``range(...)``, ...)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    """How many jobs ``run.py -m`` makes of ``overrides``: peftlab's own count (``sweep.sweep_size``), Hydra's
+    settings (``hydra.*``, which the launcher takes) left out as Hydra leaves them out of the job's overrides."""
+    from peftlab.sweep import sweep_size
 
-    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra.")])
-    return math.prod(len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in parsed)
+    return sweep_size([o for o in overrides if not o.startswith("hydra.")])
 
 
 def spread_share(overrides: list[str], gpus: int) -> float:

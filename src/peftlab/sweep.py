@@ -26,18 +26,22 @@ log = logging.getLogger("peftlab")
 TOTAL_ENV = "PEFTLAB_SWEEP_TOTAL"
 
 
+def sweep_size(overrides: list[str]) -> int:
+    """How many jobs the basic sweeper makes of command-line ``overrides`` (Hydra's own parser: ``a=1,2``,
+    ``range(...)``, ...). Raises what Hydra raises for overrides only a sweeper can expand (``interval``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return math.prod(len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in parsed)
+
+
 def count_jobs(config: DictConfig) -> int | None:
     """Number of jobs a basic-sweeper multirun will launch (None when the sweeper decides, e.g. Optuna)."""
     sweeper = config.hydra.sweeper.get("_target_", "")
     if "optuna" in sweeper.lower():
         return config.hydra.sweeper.get("n_trials")
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     try:
-        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-        return math.prod(
-            len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in overrides
-        )
+        return sweep_size(list(config.hydra.overrides.task))
     except Exception:  # interval sweeps and the like: the sweeper alone knows
         return None
 
