@@ -1045,30 +1045,29 @@ def sweep_main(args: argparse.Namespace, out: Path) -> int:
     env = environment(rows)
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if k in ("torch", "deepspeed", "ray"))
     header = f"device: {env['device']} x {len(gpus) or 'cpu'} | {env['date']} | {versions} | sweep: {args.sweep_overrides}"
-    md = sweep_table(rows, header)
+    record = {
+        **env,
+        "sweep": True,
+        "sweep_overrides": args.sweep_overrides,
+        "pairs_overrides": args.pairs_overrides,
+        "gpu_fraction": args.gpu_fraction,
+        "cpus_per_job": args.cpus_per_job,
+        "out": str(out),
+        "weights_prepared_s": prepared,
+        "rows": rows,
+    }
+    write_report(out, sweep_table(rows, header), record, lambda path: sweep_plot(rows, path, header))
+    return 0 if all(r["status"] == "finished" for r in rows) else 1
+
+
+def write_report(out: Path, md: str, record: dict, draw) -> None:
+    """bench.md (the table ``md``), bench.json (``record``), bench.png (``draw(path)``) into ``out``; the table
+    is printed last."""
     (out / "bench.md").write_text(md)
-    (out / "bench.json").write_text(
-        json.dumps(
-            {
-                **env,
-                "sweep": True,
-                "sweep_overrides": args.sweep_overrides,
-                "pairs_overrides": args.pairs_overrides,
-                "gpu_fraction": args.gpu_fraction,
-                "cpus_per_job": args.cpus_per_job,
-                "out": str(out),
-                "weights_prepared_s": prepared,
-                "rows": rows,
-            },
-            indent=2,
-            default=str,
-        )
-        + "\n"
-    )
-    sweep_plot(rows, out / "bench.png", header)
+    (out / "bench.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    draw(out / "bench.png")
     print(f"\nwritten: {out}/bench.json, bench.md, bench.png (logs: {out}/*.log)\n")
     print(md, flush=True)
-    return 0 if all(r["status"] == "finished" for r in rows) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1101,27 +1100,16 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"device: {env['device']} | {env['date']} | {versions} | model {args.model}, {args.epochs} epochs"
     )
-    md = table(rows, header)
-    (out / "bench.md").write_text(md)
-    (out / "bench.json").write_text(
-        json.dumps(
-            {
-                **env,
-                "model": args.model,
-                "epochs": args.epochs,
-                "out": str(out),
-                "weights_prepared_s": prepared,
-                "argv": sys.argv[1:] if argv is None else argv,
-                "rows": rows,
-            },
-            indent=2,
-            default=str,
-        )
-        + "\n"
-    )
-    plot(rows, out / "bench.png", header)
-    print(f"\nwritten: {out}/bench.json, bench.md, bench.png (logs: {out}/*.log)\n")
-    print(md, flush=True)
+    record = {
+        **env,
+        "model": args.model,
+        "epochs": args.epochs,
+        "out": str(out),
+        "weights_prepared_s": prepared,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "rows": rows,
+    }
+    write_report(out, table(rows, header), record, lambda path: plot(rows, path, header))
     return 0
 
 
