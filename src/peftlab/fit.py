@@ -105,14 +105,17 @@ def fit(cfg: DictConfig, base: Base, job: Job, meter: PhaseMeter, run_dir: Path,
         trainable = _report_setup(accelerator, model, what, cfg.zero.name, run_dir)
         checkpointer, state = _setup_checkpoints(accelerator, run_dir, cfg.checkpoint, job)
     with meter.phase("train"):
+        pair_epochs = (
+            cfg.objective.epochs if pair_dl is not None else 0
+        )  # objective=contrastive's first phase
         settings = engine.LoopSettings(
-            cfg.train.epochs + (cfg.objective.epochs if pair_dl is not None else 0),
+            cfg.train.epochs + pair_epochs,
             task,
             cfg.train.max_grad_norm,
             adalora=base.method == "adalora",
             profile_steps=cfg.train.profile_steps if job.track else 0,
             profile_to=run_dir / "profile.txt",
-            pair_epochs=cfg.objective.epochs if pair_dl is not None else 0,
+            pair_epochs=pair_epochs,
         )
         label_init = None  # objective.label_init: the head from the label names, as the head phase starts
         if pair_dl is not None and cfg.objective.label_init:
