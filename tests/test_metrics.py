@@ -113,7 +113,10 @@ def test_a_hub_metric_in_evaluates_cache_passes_offline(tmp_path, fresh_cache):
 @pytest.mark.parametrize(
     "name,fragment",
     [
-        ("./no/such_metric.py", "eval.metrics: ./no/such_metric.py is not an evaluate module script"),
+        (
+            "./no/such_metric.py",
+            "eval.metrics: ./no/such_metric.py is not an evaluate module script (no such file)",
+        ),
         (
             "/no/such/folder",
             "eval.metrics: /no/such/folder is not an evaluate module script (a .py file, or a folder holding folder.py)",

@@ -95,9 +95,14 @@ def check_names(metrics: Iterable[str] | None) -> None:
             or Path(name).expanduser().exists()
         )
         if path_like:
+            what = (
+                "no such file"
+                if name.endswith(".py")
+                else f"a .py file, or a folder holding {Path(name).name}.py"
+            )
             raise ConfigError(
-                f"eval.metrics: {name} is not an evaluate module script (a .py file, or a folder holding "
-                f"{Path(name).name}.py); fix the path, or give an evaluate hub metric name"
+                f"eval.metrics: {name} is not an evaluate module script ({what}); fix the path, or give an "
+                "evaluate hub metric name"
             )
         offline = _hub_offline() if offline is None else offline
         if offline and not _cached(name):
