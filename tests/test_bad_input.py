@@ -88,6 +88,11 @@ BAD = [
         None,
         "objective.num_iterations=0 must be a whole number >= 1",
     ),
+    (
+        ["model=tiny_bert", "model.pooling=mean", "objective=contrastive", "objective.batch_size=0"],
+        None,
+        "objective.batch_size=0 must be a whole number >= 1",
+    ),
     (["objective.name=setfit"], None, "objective=setfit must be one of cross_entropy, contrastive"),
     (["train.tf32=yes"], None, "train.tf32=yes must be true or false"),
     (["train.gradient_checkpointing=1"], None, "train.gradient_checkpointing=1 must be true or false"),

@@ -255,6 +255,7 @@ RUN = [
     "model.pooling=mean",
     "objective=contrastive",
     "objective.num_iterations=1",
+    "objective.batch_size=2",
     "train.batch_size=2",
     "logger=null",
 ]
@@ -293,6 +294,19 @@ def test_a_contrastive_run_trains_the_body_on_pairs_then_the_head_from_label_nam
     assert torch.allclose(head.weight, expected, atol=1e-5), (head.weight - expected).abs().max()
     assert not head.bias.abs().gt(1e-5).any()
     assert not torch.allclose(F.normalize(before, dim=-1), F.normalize(after, dim=-1), atol=1e-3)
+
+
+def test_the_pair_phase_steps_in_objective_batch_size_pairs(tmp_path, tiny_data):
+    """objective.batch_size (SetFit's 16 by default) sets the pair phase's batches apart from train.batch_size:
+    32 pairs in batches of 8 are 4 steps, then 2 head epochs of 16 rows in batches of 2, 8 steps each."""
+    from peftlab.experiment import run
+
+    args = [a for a in RUN if not a.startswith("objective.batch_size")]
+    metrics = run(
+        make_cfg(tmp_path / "run", *args, "objective.batch_size=8", "train.epochs=2", data_dir=tiny_data)
+    )
+    assert metrics["status"] == "finished", metrics["error"]
+    assert [e["steps"] for e in metrics["epochs"]] == [4, 8, 8]
 
 
 @pytest.mark.slow

@@ -71,6 +71,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "name": "str",
         "num_iterations": "int",
         "epochs": "int",
+        "batch_size": "int?",
         "body_lr": "number?",
         "label_init": "bool",
     },
@@ -591,6 +592,8 @@ def _validate_objective(cfg: DictConfig) -> None:
     o = cfg.objective
     _positive_int(o.num_iterations, "objective.num_iterations")
     _positive_int(o.epochs, "objective.epochs")
+    if o.get("batch_size") is not None:
+        _positive_int(o.batch_size, "objective.batch_size")
     _check(
         o.body_lr is None or o.body_lr > 0,
         f"objective.body_lr={o.body_lr} must be a number > 0, or null for train.lr",

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import get_linear_schedule_with_warmup
 
 from peftlab import checkpoint, contrastive, data, distributed, engine, modeling
@@ -246,7 +246,7 @@ def _setup_optimizer(model, optimizer_cfg: DictConfig, train: DictConfig, total:
 def _setup_pairs(cfg: DictConfig, base: Base, train_feats: list[dict], num_processes: int):
     """objective=contrastive: (the pair loader, its optimizer steps over ``objective.epochs``), SetFit's
     ``objective.num_iterations`` positive and negative partners per training row (arXiv:2209.11055,
-    ``contrastive.pairs``) in batches of ``train.batch_size`` pairs; else (None, 0). Raises ConfigError (one
+    ``contrastive.pairs``) in batches of ``objective.batch_size`` pairs (null: ``train.batch_size``); else (None, 0). Raises ConfigError (one
     line) where the rows leave a row without a partner (a label with one row, or a single label)."""
     if objective_name(cfg) != "contrastive":
         return None, 0
@@ -259,9 +259,10 @@ def _setup_pairs(cfg: DictConfig, base: Base, train_feats: list[dict], num_proce
             "use objective=cross_entropy"
         ) from None
     pad_id = base.tokenizer.pad_token_id
-    loader = engine.train_loader(pair_feats, contrastive.PairCollator(pad_id), cfg.train.batch_size, cfg.seed)
-    per_epoch = modeling.optimizer_steps(len(pair_feats), cfg.train, num_processes) // cfg.train.epochs
-    return loader, per_epoch * o.epochs
+    batch_size = o.get("batch_size") or cfg.train.batch_size  # a run's config from before the key: null
+    loader = engine.train_loader(pair_feats, contrastive.PairCollator(pad_id), batch_size, cfg.seed)
+    pair_train = OmegaConf.merge(cfg.train, {"batch_size": batch_size, "epochs": o.epochs})
+    return loader, modeling.optimizer_steps(len(pair_feats), pair_train, num_processes)
 
 
 def _setup_two_phase(model, cfg: DictConfig, body_steps: int, head_steps: int, num_processes: int):
