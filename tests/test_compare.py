@@ -457,3 +457,46 @@ def test_terminal_table_through_rich_plain_when_piped(sweep, monkeypatch):
     terminal = io.StringIO()
     compare.print_table(table, file=terminal)
     assert "\x1b[32mfinished" in terminal.getvalue() and "31mfailed" in terminal.getvalue()  # failed: dim red
+
+
+def _kfold_run(job: Path, repeats: list[float], params: int, folds: int = 2, rows: int = 20) -> Path:
+    """A finished eval.split=kfold run whose predictions.csv has ``rows`` predictions per repeat, the first
+    accuracy * rows of them correct, spread over ``folds`` folds numbered across repeats."""
+    lines = ["id,fold,label,prediction,correct"]
+    for r, accuracy in enumerate(repeats):
+        right = round(accuracy * rows)
+        lines += [f"{r}-{k},{r * folds + k % folds},a,a,{int(k < right)}" for k in range(rows)]
+    job.mkdir(parents=True)
+    (job / "predictions.csv").write_text("\n".join(lines) + "\n")
+    config = {
+        **_config(job, r=params),
+        "eval": {"split": "kfold", "folds": folds, "fold_repeats": len(repeats)},
+    }
+    metrics = {**_finished(sum(repeats) / len(repeats)), "trainable_params": params}
+    return make_run(job, config, metrics, [f"peft.r={params}", "hydra.job.num=0"])
+
+
+def test_select_takes_the_fewest_trainable_parameters_within_one_standard_error_of_the_best(tmp_path, capsys):
+    """The one-standard-error rule on repeat accuracies read from predictions.csv: run 0 is best (0.80, its
+    three repeats 0.9/0.8/0.7: SE 0.1/sqrt(3) = 0.0577, the margin), run 1 (0.7667) lies within it with 100 parameters
+    and is chosen, run 2 (0.70, 10 parameters) lies outside; the failed run takes no part."""
+    root = tmp_path / "sweep"
+    _kfold_run(root / "0", [0.9, 0.8, 0.7], 1000)
+    _kfold_run(root / "1", [0.8, 0.75, 0.75], 100)
+    _kfold_run(root / "2", [0.7, 0.7, 0.7], 10)
+    make_run(root / "3", _config(root / "3", r=1), {"status": "failed", "error": "boom"}, ["peft.r=1"])
+    code, out, err = run_cli(capsys, root, "--select", "--no-plots", "--out", tmp_path / "out")
+    assert code == 0, err
+    rows = {r["run"]: r for r in read_csv(tmp_path / "out" / "compare.csv")}
+    assert abs(float(rows["0"]["repeat_se"]) - 0.1 / 3**0.5) < 1e-9
+    assert abs(float(rows["1"]["repeat_se"]) - 0.05 / 3) < 1e-9  # sd 0.05/sqrt(3), over sqrt(3)
+    assert [rows[k]["tie"] for k in "0123"] == ["tie", "tie", "", ""]
+    assert [rows[k]["chosen"] for k in "0123"] == ["", "chosen", "", ""]
+    assert float(rows["2"]["trainable_params"]) == 10
+    assert "selected: 1  accuracy 0.7667 +- 0.0167, 100 trainable, 2 within one standard error" in out
+    assert "| overrides: peft.r=100\n" in out  # hydra.* overrides left out
+
+
+def test_select_refuses_runs_that_are_not_kfold(sweep, capsys):
+    code, out, err = run_cli(capsys, sweep, "--select", "--no-plots")
+    assert code == 2 and "--select: no finished eval.split=kfold run to select from" in err

@@ -185,6 +185,8 @@ def test_repeated_kfold_pools_every_repeat(tmp_path, tiny_data):
     )
     metrics = run(cfg)
     assert metrics["final"]["n_eval"] == 32 and len(metrics["folds"]) == 4
+    # LoRA r=8 on query and value of 2 layers of width 16 (A 8x16, B 16x8), then the 16 -> 2 head
+    assert metrics["trainable_params"] == 2 * 2 * (8 * 16 + 16 * 8) + (16 * 2 + 2)
     rows = read_csv(tmp_path / "predictions.csv")
     assert sorted(r["fold"] for r in rows) == ["0"] * 8 + ["1"] * 8 + ["2"] * 8 + ["3"] * 8
     ids = [r["id"] for r in rows]

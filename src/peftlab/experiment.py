@@ -295,6 +295,7 @@ def _fit_all(
         "final": final,
         "phases": meter.phases,
         "time_to_first_step_s": round(first_step - started, 2) if first_step else None,
+        "trainable_params": last["trainable_params"],
         "epochs": histories[-1]["epochs"],
         "loss_curve": histories[-1]["loss_curve"],
         **({"folds": [h["epochs"][-1] for h in histories]} if len(histories) > 1 else {}),

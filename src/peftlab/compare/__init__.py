@@ -10,6 +10,7 @@ Usage::
     peftlab compare SWEEP --status finished,failed         # keep only these statuses
     peftlab compare SWEEP --metric val_accuracy            # metric of the plots and of "best run"
     peftlab compare SWEEP --mean-over seed                 # one row per setting: means over its seeds
+    peftlab compare SWEEP --select                         # kfold runs: the one-standard-error choice
     peftlab compare SWEEP --out reports/r_x_alpha          # also compare.csv, compare.md and the plots there
     peftlab compare SWEEP --no-plots
 
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peftlab.compare.plots import make_plots
+from peftlab.compare.select import select
 from peftlab.compare.table import (
     ERROR_WIDTH,
     METRIC_COLUMNS,
@@ -65,6 +67,8 @@ __all__ = [
     "output_dir",
     "print_table",
     "run_metrics",
+    "select",
+    "selected_line",
     "runs_table",
     "sort_table",
     "summary_line",
@@ -106,8 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="average the runs that differ only in these config keys, "
         "e.g. seed: one row per setting, with n and the spread of --metric",
     )
+    parser.add_argument(
+        "--select",
+        action="store_true",
+        help="eval.split=kfold runs: add each run's standard error over its fold repeats and trainable "
+        "parameters, and choose by the one-standard-error rule (the fewest trainable parameters within one "
+        "standard error of the best --metric); prints the chosen run's overrides",
+    )
     parser.add_argument("--no-plots", action="store_true", help="do not draw plots")
     return parser
+
+
+def selected_line(table, runs: Sequence[dict], metric: str) -> str:
+    """``selected: RUN  accuracy 0.747 +- 0.012, 296,450 trainable, 3 tied | overrides: a=1 b=2``."""
+    row = table[table["chosen"] == "chosen"].iloc[0]
+    ties = int((table["tie"] == "tie").sum())
+    overrides = " ".join(o for o in runs[row.name]["overrides"] if not o.startswith("hydra"))
+    return (
+        f"selected: {row['run']}  {metric} {row[metric]:.4f} +- {row['repeat_se']:.4f}, "
+        f"{row['trainable_params']:,.0f} trainable, {ties} within one standard error | overrides: {overrides}"
+    )
 
 
 def output_dir(paths: Sequence[str]) -> Path:
@@ -152,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"config columns: {', '.join(config_columns(table)) or 'none'}"
             )
         table, keys = mean_over(table, over, args.metric), [k for k in keys if k not in over]
+    if args.select:
+        if args.mean_over:
+            return _fail("--select compares single runs: leave out --mean-over")
+        try:
+            table = select(table, runs, args.metric)
+        except ValueError as exc:
+            return _fail(f"--select: {exc}")
     if args.sort:
         try:
             table = sort_table(table, args.sort, ascending=True if args.asc else None)
@@ -162,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"no runs with status {args.status}")
     print(summary_line(table, args.metric, keys))
+    if args.select:
+        print(selected_line(table, runs, args.metric))
     written = []
     try:
         if args.out:
