@@ -102,6 +102,26 @@ def test_every_experiment_composes_and_validates(tmp_path, experiment):
     )
 
 
+def test_the_selected_experiment_is_the_setting_its_selection_chose(tmp_path):
+    """experiment=twitter_fewshot_selected composes, for training and the test split, exactly the config that
+    scripts/twitter_fewshot_selection.sh ran for its choice (the overrides `peftlab compare --select` printed);
+    only the keys of recording and of the folds may differ."""
+    from hydra import compose, initialize_config_dir
+
+    chosen = "model=mpnet peft=lora objective=contrastive train.lr=0.001 train.epochs=30 eval.fold_repeats=3"
+    ran = ["experiment=twitter_fewshot_selection", *chosen.split(), "eval.split=test"]
+    with initialize_config_dir(
+        config_dir=str(CONF), version_base="1.3"
+    ):  # not make_cfg: it sets train.epochs
+        a, b = (
+            OmegaConf.to_container(compose("config", [f"paths.output_dir={tmp_path}", *o]), resolve=True)
+            for o in (ran, ["experiment=twitter_fewshot_selected"])
+        )
+    for cfg in (a, b):
+        del cfg["logger"], cfg["save_adapter"], cfg["eval"]["folds"], cfg["eval"]["fold_repeats"]
+    assert a == b
+
+
 @pytest.mark.parametrize("launcher", sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml")))
 def test_every_launcher_preset_composes(tmp_path, launcher):
     """hydra/launcher=NAME as `python run.py -m` composes it (ray_callback is ray's part, not a preset)."""
