@@ -217,6 +217,22 @@ def test_swapped_group_shows_the_choice_not_the_keys_it_settles(tmp_path):
     )
 
 
+def test_an_empty_group_option_shows_its_name(tmp_path):
+    """peft=lora,none: peft=none's config is empty ({}), and its runs show 'none' in the peft column, as the
+    lora runs show 'lora' (they showed '{}')."""
+    lora = {"_target_": "peft.LoraConfig", "r": 8, "target_modules": ["q", "v"]}
+    for i, (choice, peft) in enumerate([("lora", lora), ("none", {})]):
+        make_run(
+            tmp_path / str(i),
+            {"seed": 1, "model": {"name": "minilm"}, "peft": peft},
+            _finished(0.6 + i / 10),
+            [f"peft={choice}"],
+            choices={"model": "minilm", "peft": choice, "zero": "none"},
+        )
+    table = compare.runs_table([compare.load_run(p) for p in compare.find_runs([tmp_path])])
+    assert list(table["peft"]) == ["lora", "none"]
+
+
 def test_sort_table_directions(sweep):
     table = compare.runs_table([compare.load_run(p) for p in compare.find_runs([sweep])])
     assert list(compare.sort_table(table, "accuracy")["run"])[:2] == ["5", "0"]  # best first, blanks last

@@ -117,6 +117,9 @@ def config_values(run: dict) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in flat.items():
         group = key.split(".", 1)[0]
+        if key == group and group in choices and value == "{}":  # an empty option (peft=none): its name
+            values[group] = choices[group]
+            continue
         if group in choices and group not in values and group not in flat:
             values[group] = choices[group]
         values[key] = value
