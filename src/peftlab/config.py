@@ -135,7 +135,6 @@ SCHEMA: dict[str, dict[str, str]] = {
         "offload_param_nvme_path": "str?",
         "zero3_init": "bool",
         "leaf_layers": "bool",
-        "deepcompile": "bool",
         "optimizer": "str",
         "settings": ANY,
     },
@@ -443,7 +442,6 @@ def validate(cfg: DictConfig) -> None:
     _validate_train(cfg)
     _validate_objective(cfg)
     _validate_zero(cfg)
-    _validate_deepcompile(cfg)
     _validate_peft(cfg)
     _validate_eval(cfg)
     _validate_devices(cfg)
@@ -757,26 +755,3 @@ def _validate_eval(cfg: DictConfig) -> None:
     from peftlab.metrics import check_names
 
     check_names(names)
-
-
-def _validate_deepcompile(cfg: DictConfig) -> None:
-    """``zero.deepcompile=true`` needs DeepSpeed ZeRO stage 1, 2 or 3 (DeepSpeed 0.19.8 applies DeepCompile to those
-    only: runtime/engine.py ``get_deepcompile_backend``; zero=none has no engine to compile) and a CUDA GPU (its
-    op ``dc`` includes ATen/cuda headers; tried on the CPU: "fatal error: cuda.h: No such file or directory"
-    after the model loaded, ``deepspeed.compile.util.is_deepcompile_supported`` is false there). ConfigError
-    naming the key and the fix; torch is imported only when the key is on."""
-    z = cfg.zero
-    if not z.get("deepcompile", False):
-        return
-    _check(
-        z.stage in (1, 2, 3),
-        f"zero.deepcompile=true needs DeepSpeed ZeRO stage 1, 2 or 3 (zero={z.name} is stage {z.stage}): "
-        "use zero=stage3 (or stage1, stage2), or zero.deepcompile=false",
-    )
-    import torch
-
-    _check(
-        torch.cuda.is_available(),
-        "zero.deepcompile=true needs a CUDA GPU (DeepSpeed builds DeepCompile's op for CUDA only; here it "
-        "fails with 'cuda.h: No such file or directory'): use zero.deepcompile=false on the CPU",
-    )

@@ -93,7 +93,7 @@ def deepspeed_config(z: DictConfig, train: DictConfig) -> dict | None:
             zero[f"offload_{kind}"] = {**extra, "device": device}
             if device == "nvme":
                 zero[f"offload_{kind}"]["nvme_path"] = z[f"offload_{kind}_nvme_path"]
-    config = {
+    return {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": train.max_grad_norm or 0.0,
@@ -105,56 +105,6 @@ def deepspeed_config(z: DictConfig, train: DictConfig) -> dict | None:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if z.get("deepcompile", False):  # .get: a run directory's config.yaml from before the key resumes too
-        # DeepSpeed's compile section (deepspeed/compile/config.py, CompileConfig); it acts only once
-        # engine.compile() runs: see compile_engine
-        config["compile"] = {"deepcompile": True}
-    return config
-
-
-def compile_engine(model, z: DictConfig):
-    """``model`` (what ``accelerator.prepare`` returned) compiled with DeepCompile where ``zero.deepcompile`` is
-    true; the same object either way (``DeepSpeedEngine.compile`` compiles the engine's module in place and
-    returns None). Call it once, right after ``accelerator.prepare``, before the first forward.
-
-    DeepCompile (DeepSpeed >= 0.16.6; arXiv:2504.09983) captures the model's graph with torch.compile and
-    inserts ZeRO's all-gathers, releases and reduce-scatters into it as graph operators, then schedules
-    prefetching and keeps parameters gathered where memory allows (ZeRO-3: passes z3 gather/release, then,
-    from step 5, prefetch and selective unsharding; ZeRO-1/2: the reduce pass), in place of ZeRO's module
-    hooks. Switched on by the DeepSpeed config's ``"compile": {"deepcompile": true}`` (:func:`deepspeed_config`)
-    and ``engine.compile()``: the config alone runs plain ZeRO (DeepSpeed logs "DeepCompile is enabled but
-    engine.compile() has not been called"). Accelerate 1.15 calls ``engine.compile`` itself only when its
-    dynamo backend is set (``TorchDynamoPlugin``; ``accelerate launch --dynamo_backend``,
-    ``ACCELERATE_DYNAMO_BACKEND``; accelerator.py ``_prepare_deepspeed``): then this one finds it compiled and
-    leaves it.
-
-    The backend is DeepSpeed's accelerator's (``get_compile_backend()``: inductor). DeepSpeed falls back to
-    plain torch.compile, with one info line, where DeepCompile does not apply (a stage other than 1-3); that is
-    logged here as a warning, so a benchmark does not time torch.compile as DeepCompile. RuntimeError where
-    ``model`` is no DeepSpeedEngine (zero=none; ``config.validate`` refuses that first); other errors are
-    DeepSpeed's: on a machine without CUDA, DeepCompile's C++ op (``DeepCompileBuilder``, csrc/compile) does not
-    build (``is_deepcompile_supported()`` is false there, deepspeed/compile/util.py).
-    """
-    if not z.get("deepcompile", False):
-        return model
-    from deepspeed import DeepSpeedEngine
-
-    if not isinstance(model, DeepSpeedEngine):
-        raise RuntimeError(
-            f"zero.deepcompile=true but the prepared model is a {type(model).__name__}, not a DeepSpeedEngine "
-            f"(zero={z.name}, stage {z.stage}): DeepCompile needs zero.stage 1, 2 or 3"
-        )
-    log = logging.getLogger("peftlab")
-    if not model.is_compiled:
-        model.compile()
-    if rank() == 0:
-        if model.is_deepcompile_active():
-            log.info("DeepCompile on (zero=%s, stage %s): the first steps compile the graph", z.name, z.stage)
-        else:
-            log.warning(
-                "zero.deepcompile=true but DeepSpeed compiled with plain torch.compile, not DeepCompile"
-            )
-    return model
 
 
 def free_port() -> int:

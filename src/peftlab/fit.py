@@ -98,7 +98,6 @@ def fit(cfg: DictConfig, base: Base, job: Job, meter: PhaseMeter, run_dir: Path,
             model, optimizer, train_dl, pair_dl, scheduler = accelerator.prepare(
                 model, optimizer, train_dl, pair_dl, scheduler
             )
-        model = distributed.compile_engine(model, cfg.zero)  # zero.deepcompile
         eval_dls = {mode: accelerator.prepare(dl) for mode, dl in eval_dls.items()}
         # each rank's share of the parameters (a collective)
         partitions = distributed.zero3_partitions(accelerator, model)
