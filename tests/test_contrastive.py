@@ -266,7 +266,7 @@ def test_a_contrastive_run_trains_the_body_on_pairs_then_the_head_from_label_nam
     the head starts from the label names' embeddings under the body the pair phase left (label_init at the
     head phase's start, not the run's: the body moved in between) and, at a head learning rate of 1e-9, ends
     there: the body stays frozen through the head phase."""
-    from peftlab.experiment import run
+    from peftlab.experiment import run, summary_line
 
     cfg = make_cfg(
         tmp_path / "run",
@@ -279,6 +279,11 @@ def test_a_contrastive_run_trains_the_body_on_pairs_then_the_head_from_label_nam
     metrics = run(cfg)
     assert metrics["status"] == "finished", metrics["error"]
     assert [e["steps"] for e in metrics["epochs"]] == [16, 8, 8]
+    assert [e["phase"] for e in metrics["epochs"]] == ["pairs", "rows", "rows"]
+    train = metrics["phases"]["train"]  # s/step of the row phase (its first epoch is warm-up), pairs apart
+    assert train["s_per_step"] == metrics["epochs"][2]["s_per_step"]
+    assert train["pair_s_per_step"] == metrics["epochs"][0]["s_per_step"]
+    assert f"{train['s_per_step']} s/step (pair phase {train['pair_s_per_step']} s/step)" in summary_line(metrics)
     assert [s for s, _ in metrics["loss_curve"]] == list(range(1, 33))
     pair_loss, head_loss = metrics["epochs"][0]["loss"], metrics["epochs"][1]["loss"]
     assert 0 < pair_loss < 1 and abs(head_loss - math.log(2)) < 0.1  # cosine MSE, then 2-label cross-entropy

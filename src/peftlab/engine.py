@@ -242,11 +242,24 @@ def train(
         STOP.training = False
     bar.close()
     history = state.history
-    steady = (
-        history["step_s"][len(history["step_s"]) // max(settings.epochs, 1) :] or history["step_s"]
-    )  # skip epoch 1 (warm-up)
-    history["s_per_step"] = round(statistics.median(steady), 5) if steady else None
+    history["s_per_step"] = _median_s_per_step(history, "rows")
+    if settings.pair_epochs:
+        history["pair_s_per_step"] = _median_s_per_step(history, "pairs")
     return history
+
+
+def _median_s_per_step(history: dict, phase: str) -> float | None:
+    """Median seconds per optimizer step of ``phase``'s epochs ("rows", or objective=contrastive's "pairs"),
+    the phase's first epoch left out as warm-up when it has more than one. ``history["step_s"]`` holds the step
+    times of the epochs in order; the pair phase comes first (after a resume, only the steps run since)."""
+    spans, at = [], len(history["step_s"])
+    for epoch in reversed(history["epochs"]):  # from the end: the times of epochs before a resume are gone
+        spans.append((epoch.get("phase", "rows"), max(0, at - epoch["steps"]), at))
+        at = max(0, at - epoch["steps"])
+    ours = [(start, end) for p, start, end in reversed(spans) if p == phase]
+    ours = ours[1:] or ours  # its first epoch is warm-up
+    steps = [t for start, end in ours for t in history["step_s"][start:end]]
+    return round(statistics.median(steps), 5) if steps else None
 
 
 def _train_epoch(
@@ -286,7 +299,8 @@ def _train_epoch(
             _checkpoint_if_due(accelerator, checkpointer, state)
     if profiler is not None:
         _write_profile(profiler, settings.profile_to)
-    state.history["epochs"].append(_epoch_figures(accelerator, state, clock))
+    phase = "pairs" if state.epoch < settings.pair_epochs else "rows"  # objective=contrastive: pairs first
+    state.history["epochs"].append({**_epoch_figures(accelerator, state, clock), "phase": phase})
     bar.set_postfix(loss=f"{state.history['epochs'][-1]['loss']:.4f}")
     if on_epoch is not None:
         on_epoch(state.history)

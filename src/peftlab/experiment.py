@@ -280,10 +280,18 @@ def _fit_all(
     final.update({f"eval_s_{mode}": seconds for mode, seconds in last["eval_s"].items()})
     if cfg.eval.mode == "both":
         final.update(agreement(last["eval"], names))
-    steady = [e for h in histories for e in (h["epochs"][1:] or h["epochs"])]  # epoch 1 is warm-up
+    rows = [[e for e in h["epochs"] if e.get("phase", "rows") == "rows"] for h in histories]
+    steady = [
+        e for epochs in rows for e in (epochs[1:] or epochs)
+    ]  # the first is warm-up; contrastive pairs apart
     meter.phases.get("train", {}).update(
         steps=sum(len(h["step_s"]) for h in histories),
         s_per_step=histories[-1]["s_per_step"],
+        **(
+            {"pair_s_per_step": histories[-1]["pair_s_per_step"]}
+            if "pair_s_per_step" in histories[-1]
+            else {}
+        ),
         samples_per_s=_mean(e["samples_per_s"] for e in steady),
         tokens_per_s=_mean(e["tokens_per_s"] for e in steady),
     )
@@ -334,8 +342,10 @@ def summary_line(m: dict) -> str:
     h, f = headline(m), m.get("final", {})
     val = f" (validation folds {h['val_accuracy']:.4f})" if h["val_accuracy"] is not None else ""
     gpu, cpu = h["gpu_peak_mb"], h["cpu_peak_mb"]
+    pairs = ((m.get("phases") or {}).get("train") or {}).get("pair_s_per_step")  # objective=contrastive
+    speed = f"{h['s_per_step']} s/step" + (f" (pair phase {pairs} s/step)" if pairs else "")
     return (
         f"{f.get('split')} accuracy {f.get('accuracy', float('nan')):.4f}{val}, macro-F1 {f.get('macro_f1', float('nan')):.4f} "
-        f"({f.get('n_eval')} rows) | {h['s_per_step']} s/step, {h['tokens_per_s']} tokens/s | "
+        f"({f.get('n_eval')} rows) | {speed}, {h['tokens_per_s']} tokens/s | "
         f"GPU peak {f'{gpu:.0f} MB' if gpu else 'n/a'}, CPU peak {cpu or 0:.0f} MB | wall {m.get('wall_s')} s | {m.get('run_dir')}"
     )
