@@ -91,7 +91,7 @@ BAD = [
     (
         ["model=tiny_bert", "model.pooling=mean", "objective=contrastive", "objective.batch_size=0"],
         None,
-        "objective.batch_size=0 must be a whole number >= 1",
+        "objective.batch_size=0 must be a whole number >= 1, or null for train.batch_size",
     ),
     (["objective.name=setfit"], None, "objective=setfit must be one of cross_entropy, contrastive"),
     (["train.tf32=yes"], None, "train.tf32=yes must be true or false"),

@@ -509,8 +509,32 @@ def test_select_takes_the_fewest_trainable_parameters_within_one_standard_error_
     assert [rows[k]["tie"] for k in "0123"] == ["tie", "tie", "", ""]
     assert [rows[k]["chosen"] for k in "0123"] == ["", "chosen", "", ""]
     assert float(rows["2"]["trainable_params"]) == 10
-    assert "selected: 1  accuracy 0.7667 +- 0.0167, 100 trainable, 2 within one standard error" in out
+    assert "selected: 1  accuracy 0.7667 +- 0.0167, 2 within one standard error, 100 trainable" in out
     assert "| overrides: peft.r=100\n" in out  # hydra.* overrides left out
+
+
+def test_select_ties_at_the_bound_and_with_one_repeat_only_equal_figures(tmp_path, capsys):
+    """The bound is inclusive, also after metrics.json's rounding to 6 decimals (0.606667 - 0.006667 reaches
+    0.600), so the 10-parameter run at 0.600 ties and is chosen; with one repeat nothing has a standard error
+    and only equal accuracies tie, which the selected line says."""
+    root = tmp_path / "three"
+    _kfold_run(root / "0", [0.62, 0.60, 0.60], 1000, rows=50)  # pooled 0.606667, SE 0.006667
+    _kfold_run(root / "1", [0.60, 0.60, 0.60], 10, rows=50)
+    for run in (root / "0", root / "1"):  # as metrics.json records it
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["final"]["accuracy"] = round(metrics["final"]["accuracy"], 6)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    code, out, err = run_cli(capsys, root, "--select", "--no-plots")
+    assert code == 0, err
+    assert "selected: 1  accuracy 0.6000 +- 0.0000, 2 within one standard error, 10 trainable" in out
+    one = tmp_path / "one"
+    _kfold_run(one / "0", [0.7], 1000)
+    _kfold_run(one / "1", [0.7], 100)
+    _kfold_run(one / "2", [0.6], 10)
+    code, out, err = run_cli(capsys, one, "--select", "--no-plots")
+    assert (
+        "selected: 1  accuracy 0.7000 (one fold repeat: no standard error), 2 with the same accuracy" in out
+    )
 
 
 def test_select_refuses_runs_that_are_not_kfold(sweep, capsys):

@@ -592,8 +592,11 @@ def _validate_objective(cfg: DictConfig) -> None:
     o = cfg.objective
     _positive_int(o.num_iterations, "objective.num_iterations")
     _positive_int(o.epochs, "objective.epochs")
-    if o.get("batch_size") is not None:
-        _positive_int(o.batch_size, "objective.batch_size")
+    _check(
+        o.get("batch_size") is None
+        or (isinstance(o.batch_size, int) and not isinstance(o.batch_size, bool) and o.batch_size >= 1),
+        f"objective.batch_size={o.get('batch_size')} must be a whole number >= 1, or null for train.batch_size",
+    )
     _check(
         o.body_lr is None or o.body_lr > 0,
         f"objective.body_lr={o.body_lr} must be a number > 0, or null for train.lr",

@@ -31,6 +31,7 @@ and ``${...}`` interpolations stay plain strings), JSON through ``json``.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--select",
         action="store_true",
         help="eval.split=kfold runs: add each run's standard error over its fold repeats and trainable "
-        "parameters, and choose by the one-standard-error rule (the fewest trainable parameters within one "
-        "standard error of the best --metric); prints the chosen run's overrides",
+        "parameters, and choose by the one-standard-error rule: of the runs within one standard error of the "
+        "best --metric (bound included; with one repeat there is none, and only equal figures tie), the fewest "
+        "trainable parameters, then the better --metric, then the earlier run; prints the chosen run's overrides",
     )
     parser.add_argument("--no-plots", action="store_true", help="do not draw plots")
     return parser
@@ -126,9 +128,13 @@ def selected_line(table, runs: Sequence[dict], metric: str) -> str:
     row = table[table["chosen"] == "chosen"].iloc[0]
     ties = int((table["tie"] == "tie").sum())
     overrides = " ".join(o for o in runs[row.name]["overrides"] if not o.startswith("hydra"))
+    if math.isnan(row["repeat_se"]):  # one repeat: no standard error, only equal figures tie
+        spread = f"(one fold repeat: no standard error), {ties} with the same {metric}"
+    else:
+        spread = f"+- {row['repeat_se']:.4f}, {ties} within one standard error"
     return (
-        f"selected: {row['run']}  {metric} {row[metric]:.4f} +- {row['repeat_se']:.4f}, "
-        f"{row['trainable_params']:,.0f} trainable, {ties} within one standard error | overrides: {overrides}"
+        f"selected: {row['run']}  {metric} {row[metric]:.4f} {spread}, "
+        f"{row['trainable_params']:,.0f} trainable | overrides: {overrides}"
     )
 
 

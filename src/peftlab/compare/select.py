@@ -10,7 +10,7 @@ prediction, ``fold`` numbered over all repeats, so repeat = fold // eval.folds):
 
 The rule (Breiman et al. 1984, "Classification and Regression Trees", section 3.4.3; Hastie, Tibshirani and
 Friedman, "The Elements of Statistical Learning", 2nd ed., section 7.10): the best accuracy wins, every
-setting within one of *its* standard errors ties with it, and of the tied settings the simplest, here the
+setting within one of *its* standard errors (bound included) ties with it, and of the tied settings the simplest, here the
 fewest trainable parameters, is chosen (then the higher accuracy, then the run's order). Only finished runs
 take part; with one repeat the standard error is unknown and only exact ties tie.
 """
@@ -61,7 +61,8 @@ def select(table: pd.DataFrame, runs: Sequence[dict], metric: str = "accuracy") 
         raise ValueError("no finished eval.split=kfold run to select from")
     best = out.loc[scored].sort_values(metric, ascending=False, kind="stable").iloc[0]
     margin = 0.0 if math.isnan(best["repeat_se"]) else best["repeat_se"]
-    tied = out.loc[scored][out.loc[scored, metric] >= best[metric] - margin - 1e-12]
+    # inclusive; 1e-6 because metrics.json rounds accuracy to 6 decimals (0.606667 - 0.006667 must reach 0.6)
+    tied = out.loc[scored][out.loc[scored, metric] >= best[metric] - margin - 1e-6]
     simplest = tied.assign(_p=tied["trainable_params"].fillna(math.inf), _m=-tied[metric])
     out.loc[tied.index, "tie"] = "tie"
     out.loc[simplest.sort_values(["_p", "_m"], kind="stable").index[0], "chosen"] = "chosen"
