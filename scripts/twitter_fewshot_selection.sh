@@ -12,8 +12,9 @@
 #   OUT           where the sweeps go (stage1/, stage2/, test/, logs/, and the tables)
 #   JOBS_AT_ONCE  sweeps run side by side (default 2), dealt round-robin over the GPUs in CUDA_VISIBLE_DEVICES
 #                 (default: every GPU nvidia-smi lists; none: the CPU)
-# MODELS="mpnet minilm" (default) names the encoders; EXTRA="..." adds overrides to every run; EPOCHS (default
-# 10,30) and FT_EPOCHS (full fine-tuning's, default 30) shorten a rehearsal: on the CPU, in about 5 minutes,
+# PYTHON (default: python) is the interpreter with peftlab installed. MODELS="mpnet minilm" (default) names the
+# encoders; EXTRA="..." adds overrides to every run; EPOCHS (default 10,30) and FT_EPOCHS (full fine-tuning's,
+# default 30) shorten a rehearsal: on 2 CPU cores, 5 minutes when nothing else runs (23 with other work beside it),
 # MODELS=tiny_bert EPOCHS=1,2 FT_EPOCHS=2 EXTRA=++objective.num_iterations=1 scripts/twitter_fewshot_selection.sh /tmp/s
 # model=mpnet needs all-mpnet-base-v2 in the Hugging Face cache: bash ../shared/models/install_mpnet.sh
 set -euo pipefail
@@ -63,7 +64,7 @@ run_all() {
       [ ${#GPUS[@]} -gt 0 ] && export CUDA_VISIBLE_DEVICES=${GPUS[k % ${#GPUS[@]}]}
       if [ -n "$mode" ]; then where="hydra.sweep.dir=$dir"; else where="hydra.run.dir=$dir"; fi
       # shellcheck disable=SC2086
-      if ! $PY run.py $mode $args "$where" >"$OUT/logs/$stage-$name.log" 2>&1; then
+      if ! $PY run.py $mode $args "$where" >>"$OUT/logs/$stage-$name.log" 2>&1; then  # a re-run appends
         echo "$stage/$name failed: $OUT/logs/$stage-$name.log" >&2
       fi
     ) &
@@ -74,7 +75,7 @@ run_all() {
 
 echo "stage 1: $(grid | wc -l) sweeps, $JOBS at once, GPUs: ${CUDA_VISIBLE_DEVICES:-none}"
 grid | run_all stage1 -m
-peftlab compare "$OUT/stage1" --sort accuracy --no-plots --out "$OUT/stage1_table" >"$OUT/logs/stage1_compare.txt"
+"$PY" -m peftlab.cli compare "$OUT/stage1" --sort accuracy --no-plots --out "$OUT/stage1_table" >"$OUT/stage1.txt"
 
 # stage 2: the 8 best stage-1 settings again, on 3 repeats of the 5 folds
 "$PY" - "$OUT" >"$OUT/stage2_settings.txt" <<'PY'
@@ -87,13 +88,16 @@ runs = [load_run(d) for d in find_runs([Path(sys.argv[1]) / "stage1"])]
 done = [r for r in runs if r["status"] == "finished"]
 print(f"{len(done)} of {len(runs)} stage-1 settings finished", file=sys.stderr)
 key = lambda r: (-r["metrics"]["final"]["accuracy"], -r["metrics"]["final"]["macro_f1"], r["metrics"]["trainable_params"])
-for k, r in enumerate(sorted(done, key=key)[:8]):
-    print(f"{k} " + " ".join(o for o in r["overrides"] if not o.startswith("hydra")))
+for k, r in enumerate(sorted(done, key=key)[:8]):  # named by rank and setting, e.g. 0-mpnet-lora-contrastive-0.001-30
+    overrides = [o for o in r["overrides"] if not o.startswith("hydra")]
+    name = "-".join([str(k)] + [o.split("=", 1)[1] for o in overrides if not o.startswith(("experiment=", "+"))])
+    print(name.replace("/", "_"), " ".join(overrides))
 PY
 sed 's/$/ eval.fold_repeats=3/' "$OUT/stage2_settings.txt" | run_all stage2
-peftlab compare "$OUT/stage2" --select --no-plots --out "$OUT/stage2_table" | tee "$OUT/stage2_select.txt"
+"$PY" -m peftlab.cli compare "$OUT/stage2" --select --no-plots --out "$OUT/stage2_table" | tee "$OUT/stage2_select.txt"
 
 # the test split, once, for the chosen setting
 chosen=$(sed -n 's/^selected: .* | overrides: //p' "$OUT/stage2_select.txt")
-echo "test $chosen eval.split=test seed=0,1,2" | run_all test -m
-peftlab compare "$OUT/test" --no-plots --out "$OUT/test_table" | tee "$OUT/test.txt"
+echo "chosen $chosen eval.split=test seed=0,1,2" | run_all test -m
+"$PY" -m peftlab.cli compare "$OUT/test" --no-plots --out "$OUT/test_table" >"$OUT/test.txt"
+"$PY" -m peftlab.cli compare "$OUT/test" --mean-over seed --no-plots | tee -a "$OUT/test.txt"  # the protocol's figure
