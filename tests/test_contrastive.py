@@ -283,7 +283,8 @@ def test_a_contrastive_run_trains_the_body_on_pairs_then_the_head_from_label_nam
     train = metrics["phases"]["train"]  # s/step of the row phase (its first epoch is warm-up), pairs apart
     assert train["s_per_step"] == metrics["epochs"][2]["s_per_step"]
     assert train["pair_s_per_step"] == metrics["epochs"][0]["s_per_step"]
-    assert f"{train['s_per_step']} s/step (pair phase {train['pair_s_per_step']} s/step)" in summary_line(metrics)
+    speed = f"{train['s_per_step']} s/step (pair phase {train['pair_s_per_step']} s/step)"
+    assert speed in summary_line(metrics)
     assert [s for s, _ in metrics["loss_curve"]] == list(range(1, 33))
     pair_loss, head_loss = metrics["epochs"][0]["loss"], metrics["epochs"][1]["loss"]
     assert 0 < pair_loss < 1 and abs(head_loss - math.log(2)) < 0.1  # cosine MSE, then 2-label cross-entropy
