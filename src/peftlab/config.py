@@ -514,10 +514,13 @@ def check_model_files(m: DictConfig) -> None:
             ) from None
 
 
-def _positive_int(value, key: str) -> None:
+def _positive_int(value, key: str, or_null: str | None = None) -> None:
+    """``key``'s ``value`` is a whole number >= 1; with ``or_null`` (what null stands for), null too."""
+    if or_null is not None and value is None:
+        return
     _check(
         isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-        f"{key}={value} must be a whole number >= 1",
+        f"{key}={value} must be a whole number >= 1" + (f", or null for {or_null}" if or_null else ""),
     )
 
 
@@ -592,11 +595,7 @@ def _validate_objective(cfg: DictConfig) -> None:
     o = cfg.objective
     _positive_int(o.num_iterations, "objective.num_iterations")
     _positive_int(o.epochs, "objective.epochs")
-    _check(
-        o.get("batch_size") is None
-        or (isinstance(o.batch_size, int) and not isinstance(o.batch_size, bool) and o.batch_size >= 1),
-        f"objective.batch_size={o.get('batch_size')} must be a whole number >= 1, or null for train.batch_size",
-    )
+    _positive_int(o.get("batch_size"), "objective.batch_size", or_null="train.batch_size")
     _check(
         o.body_lr is None or o.body_lr > 0,
         f"objective.body_lr={o.body_lr} must be a number > 0, or null for train.lr",
@@ -741,10 +740,7 @@ def _validate_eval(cfg: DictConfig) -> None:
         )
     _check(0 < e.val_fraction < 1, f"eval.val_fraction={e.val_fraction} must be in (0, 1)")
     _check(isinstance(e.folds, int) and e.folds >= 2, f"eval.folds={e.folds} must be a whole number >= 2")
-    _check(
-        isinstance(e.fold_repeats, int) and e.fold_repeats >= 1,
-        f"eval.fold_repeats={e.fold_repeats} must be a whole number >= 1",
-    )
+    _positive_int(e.fold_repeats, "eval.fold_repeats")
     _positive_int(e.batch_size, "eval.batch_size")
     _positive_int(e.max_new_tokens, "eval.max_new_tokens")
     _check(
