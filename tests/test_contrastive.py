@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from peftlab import contrastive, data, modeling
-from peftlab.config import ConfigError, peft_method
+from peftlab.config import ConfigError, check_objective, peft_method
 
 from .conftest import make_cfg
 from .test_determinism import comparable
@@ -191,15 +191,15 @@ def test_label_names_initialise_a_linear_head_and_not_mpnets(tmp_path, tiny_data
 
 
 def test_objective_checks_name_the_key_and_the_fix():
-    contrastive.check("contrastive", "seq_cls", "mean")
-    contrastive.check("cross_entropy", "seq2seq", "cls")
+    check_objective("contrastive", "seq_cls", "mean")
+    check_objective("cross_entropy", "seq2seq", "cls")
     for args, fix in [
         (("setfit", "seq_cls", "mean"), "cross_entropy, contrastive"),
         (("contrastive", "seq2seq", "cls"), "model.task=seq_cls"),
         (("contrastive", "seq_cls", "cls"), "model.pooling=mean"),
     ]:
         with pytest.raises(ConfigError, match=fix):
-            contrastive.check(*args)
+            check_objective(*args)
 
 
 @pytest.mark.slow

@@ -34,7 +34,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from peftlab.config import check_objective
 from peftlab.modeling import HEAD_NAMES
 
 
@@ -216,10 +215,3 @@ def _gathered(params):
     import contextlib
 
     return contextlib.nullcontext()
-
-
-def check(objective: str, task: str, pooling: str) -> None:
-    """Before anything loads: ``objective`` is known and the contrastive one has what it needs
-    (``config.check_objective``, which ``config.validate`` runs without importing torch). Raises
-    ConfigError naming the key and the fix."""
-    check_objective(objective, task, pooling)
