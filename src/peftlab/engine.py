@@ -148,9 +148,14 @@ class LoopSettings:
     pair_epochs: int = 0
 
 
+def _phase(settings: LoopSettings, epoch: int) -> str:
+    """``epoch``'s phase: "pairs" (objective=contrastive's first ``pair_epochs``) or "rows"."""
+    return "pairs" if epoch < settings.pair_epochs else "rows"
+
+
 def _epoch_loader(parts: Parts, settings: LoopSettings, epoch: int):
     """The loader of ``epoch``: the pair loader during the contrastive phase, else the rows' loader."""
-    return parts.pair_loader if epoch < settings.pair_epochs else parts.loader
+    return parts.pair_loader if _phase(settings, epoch) == "pairs" else parts.loader
 
 
 def _batches_before(parts: Parts, settings: LoopSettings, epoch: int) -> int:
@@ -299,8 +304,9 @@ def _train_epoch(
             _checkpoint_if_due(accelerator, checkpointer, state)
     if profiler is not None:
         _write_profile(profiler, settings.profile_to)
-    phase = "pairs" if state.epoch < settings.pair_epochs else "rows"  # objective=contrastive: pairs first
-    state.history["epochs"].append({**_epoch_figures(accelerator, state, clock), "phase": phase})
+    state.history["epochs"].append(
+        {**_epoch_figures(accelerator, state, clock), "phase": _phase(settings, state.epoch)}
+    )
     bar.set_postfix(loss=f"{state.history['epochs'][-1]['loss']:.4f}")
     if on_epoch is not None:
         on_epoch(state.history)
