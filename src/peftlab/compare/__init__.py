@@ -31,13 +31,12 @@ and ``${...}`` interpolations stay plain strings), JSON through ``json``.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from peftlab.compare.plots import make_plots
-from peftlab.compare.select import select
+from peftlab.compare.select import select, selected_line
 from peftlab.compare.table import (
     ERROR_WIDTH,
     METRIC_COLUMNS,
@@ -121,21 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-plots", action="store_true", help="do not draw plots")
     return parser
-
-
-def selected_line(table, runs: Sequence[dict], metric: str) -> str:
-    """``selected: RUN  accuracy 0.747 +- 0.012, 296,450 trainable, 3 tied | overrides: a=1 b=2``."""
-    row = table[table["chosen"] == "chosen"].iloc[0]
-    ties = int((table["tie"] == "tie").sum())
-    overrides = " ".join(o for o in runs[row.name]["overrides"] if not o.startswith("hydra"))
-    if math.isnan(row["repeat_se"]):  # one repeat: no standard error, only equal figures tie
-        spread = f"(one fold repeat: no standard error), {ties} with the same {metric}"
-    else:
-        spread = f"+- {row['repeat_se']:.4f}, {ties} within one standard error"
-    return (
-        f"selected: {row['run']}  {metric} {row[metric]:.4f} {spread}, "
-        f"{row['trainable_params']:,.0f} trainable | overrides: {overrides}"
-    )
 
 
 def output_dir(paths: Sequence[str]) -> Path:

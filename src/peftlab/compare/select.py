@@ -67,3 +67,19 @@ def select(table: pd.DataFrame, runs: Sequence[dict], metric: str = "accuracy") 
     out.loc[tied.index, "tie"] = "tie"
     out.loc[simplest.sort_values(["_p", "_m"], kind="stable").index[0], "chosen"] = "chosen"
     return out.sort_values(metric, ascending=False, kind="stable")
+
+
+def selected_line(table: pd.DataFrame, runs: Sequence[dict], metric: str) -> str:
+    """The chosen run of a :func:`select` table in a line: ``selected: RUN  accuracy 0.7470 +- 0.0120, 3 within
+    one standard error, 296,450 trainable | overrides: a=1 b=2`` (its overrides, Hydra's own left out)."""
+    row = table[table["chosen"] == "chosen"].iloc[0]
+    ties = int((table["tie"] == "tie").sum())
+    overrides = " ".join(o for o in runs[row.name]["overrides"] if not o.startswith("hydra"))
+    if math.isnan(row["repeat_se"]):  # one repeat: no standard error, only equal figures tie
+        spread = f"(one fold repeat: no standard error), {ties} with the same {metric}"
+    else:
+        spread = f"+- {row['repeat_se']:.4f}, {ties} within one standard error"
+    return (
+        f"selected: {row['run']}  {metric} {row[metric]:.4f} {spread}, "
+        f"{row['trainable_params']:,.0f} trainable | overrides: {overrides}"
+    )
