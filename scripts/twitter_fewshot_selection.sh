@@ -56,7 +56,7 @@ grid() {
 # Runs "<name> <overrides>" lines from stdin, JOBS at once, each on the next GPU; a failed sweep is reported
 # (its log named) and the others go on. $1: the stage's folder; $2: -m for a sweep, or nothing for one run.
 run_all() {
-  local stage=$1 mode=${2:-} k=0 pids=() line name args dir
+  local stage=$1 mode=${2:-} k=0 name args dir where
   while read -r name args; do
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
     dir=$OUT/$stage/$name

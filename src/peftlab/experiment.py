@@ -280,10 +280,9 @@ def _fit_all(
     final.update({f"eval_s_{mode}": seconds for mode, seconds in last["eval_s"].items()})
     if cfg.eval.mode == "both":
         final.update(agreement(last["eval"], names))
+    # speed of the row phase (objective=contrastive's pair epochs apart), its first epoch left out as warm-up
     rows = [[e for e in h["epochs"] if e.get("phase", "rows") == "rows"] for h in histories]
-    steady = [
-        e for epochs in rows for e in (epochs[1:] or epochs)
-    ]  # the first is warm-up; contrastive pairs apart
+    steady = [e for epochs in rows for e in (epochs[1:] or epochs)]
     meter.phases.get("train", {}).update(
         steps=sum(len(h["step_s"]) for h in histories),
         s_per_step=histories[-1]["s_per_step"],
